@@ -1,0 +1,167 @@
+"""Byte-counted wrappers around torch.distributed collectives.
+
+Every gradient-sync scheme talks to the network only through these functions, so each
+scheme's byte counter measures the same thing: the bytes this rank puts on the wire
+(``sent``) and takes off it (``recv``) for the algorithm torch runs underneath.
+
+Accounting model (per rank, payload bytes only, no headers):
+- all_reduce: ring reduce-scatter + all-gather, 2(n-1)/n of the buffer each way;
+- all_gather: ring, (n-1) times the local input each way;
+- all_to_all_single: what leaves for / arrives from other ranks (self-chunk is free);
+- broadcast: the root sends the buffer to each of n-1 peers (flat), others receive once.
+These are the standard cost models of the algorithms gloo and NCCL use (see
+``../shared/papers/systems.md`` §7); the benchmark prints them beside measured time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class ByteCounter:
+    """Bytes this rank sent and received for gradient sync, cumulative and per step."""
+
+    sent: int = 0
+    recv: int = 0
+
+    def add(self, sent: int | float, recv: int | float) -> None:
+        self.sent += int(sent)
+        self.recv += int(recv)
+
+    def snapshot(self) -> tuple[int, int]:
+        return self.sent, self.recv
+
+
+def nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def world(group: dist.ProcessGroup | None) -> int:
+    return dist.get_world_size(group) if dist.is_initialized() else 1
+
+
+def rank(group: dist.ProcessGroup | None) -> int:
+    return dist.get_rank(group) if dist.is_initialized() else 0
+
+
+def all_reduce(
+    t: torch.Tensor,
+    counter: ByteCounter,
+    group: dist.ProcessGroup | None = None,
+    async_op: bool = False,
+):
+    """SUM all-reduce in place; counted as a ring all-reduce."""
+    n = world(group)
+    if n == 1:
+        return None
+    share = 2 * (n - 1) * nbytes(t) / n
+    counter.add(share, share)
+    return dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group, async_op=async_op)
+
+
+def all_gather(
+    out: torch.Tensor, inp: torch.Tensor, counter: ByteCounter,
+    group: dist.ProcessGroup | None = None,
+) -> None:
+    """``out`` is n stacked copies of ``inp``'s shape, rank order."""
+    n = world(group)
+    if n == 1:
+        out.copy_(inp.reshape(out.shape))
+        return
+    b = nbytes(inp) * (n - 1)
+    counter.add(b, b)
+    dist.all_gather_into_tensor(out, inp.contiguous(), group=group)
+
+
+def all_to_all(
+    out: torch.Tensor,
+    inp: torch.Tensor,
+    out_splits: list[int],
+    in_splits: list[int],
+    counter: ByteCounter,
+    group: dist.ProcessGroup | None = None,
+) -> None:
+    """Uneven all-to-all along dim 0 (gloo and NCCL both support uneven splits here)."""
+    n = world(group)
+    me = rank(group)
+    if n == 1:
+        out.copy_(inp)
+        return
+    row = inp[0].numel() * inp.element_size() if inp.dim() > 1 else inp.element_size()
+    counter.add(
+        row * (sum(in_splits) - in_splits[me]), row * (sum(out_splits) - out_splits[me])
+    )
+    dist.all_to_all_single(
+        out, inp.contiguous(), output_split_sizes=out_splits, input_split_sizes=in_splits,
+        group=group,
+    )
+
+
+def broadcast(
+    t: torch.Tensor, src: int, counter: ByteCounter, group: dist.ProcessGroup | None = None
+) -> None:
+    """Broadcast from group rank ``src``."""
+    n = world(group)
+    if n == 1:
+        return
+    if rank(group) == src:
+        counter.add(nbytes(t) * (n - 1), 0)
+    else:
+        counter.add(0, nbytes(t))
+    dist.broadcast(t, src=dist.get_global_rank(group, src) if group else src, group=group)
+
+
+def send(t: torch.Tensor, dst: int, counter: ByteCounter,
+         group: dist.ProcessGroup | None = None) -> None:
+    counter.add(nbytes(t), 0)
+    dist.send(t, dst=dist.get_global_rank(group, dst) if group else dst, group=group)
+
+
+def recv(t: torch.Tensor, src: int, counter: ByteCounter,
+         group: dist.ProcessGroup | None = None) -> None:
+    counter.add(0, nbytes(t))
+    dist.recv(t, src=dist.get_global_rank(group, src) if group else src, group=group)
+
+
+def exchange(
+    send_t: torch.Tensor, recv_t: torch.Tensor, peer: int, counter: ByteCounter,
+    group: dist.ProcessGroup | None = None,
+) -> None:
+    """Simultaneous send/recv with one peer (pairwise exchange, deadlock-free)."""
+    counter.add(nbytes(send_t), nbytes(recv_t))
+    g = dist.get_global_rank(group, peer) if group else peer
+    ops = [dist.P2POp(dist.isend, send_t.contiguous(), g, group),
+           dist.P2POp(dist.irecv, recv_t, g, group)]
+    for w in dist.batch_isend_irecv(ops):
+        w.wait()
+
+
+def check_consistent(
+    key: str, values: list[int], group: dist.ProcessGroup | None = None
+) -> None:
+    """Cheap pre-flight check that every rank agrees on ``values`` (shapes, dtype codes).
+
+    Runs one tiny all-gather *before* the payload collectives, so mismatched inputs give
+    a clear error on every rank instead of a hang or garbage (gloo would happily
+    exchange wrongly sized buffers or block forever).
+    """
+    n = world(group)
+    if n == 1:
+        return
+    mine = torch.tensor(values, dtype=torch.int64)
+    allv = torch.empty(n * len(values), dtype=torch.int64)
+    dist.all_gather_into_tensor(allv, mine, group=group)
+    rows = allv.view(n, len(values)).tolist()
+    if any(r != rows[0] for r in rows):
+        desc = "; ".join(f"rank {i}: {r}" for i, r in enumerate(rows))
+        raise ValueError(f"{key} differs across ranks ({desc}); every rank must pass the same")
+
+
+DTYPE_CODES = {
+    torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3,
+    torch.int64: 4, torch.int32: 5,
+}
