@@ -1,0 +1,301 @@
+"""Typed configuration: dataclasses with a docstring per field, TOML files, ``--set`` overrides.
+
+Precedence: dataclass defaults < TOML file < ``--set section.key=value``. Every unknown key
+and every bad value raises ``ConfigError`` with a one-line message naming the key and what
+is allowed.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+
+class ConfigError(ValueError):
+    """A bad config key or value (one line, names the key and what is allowed)."""
+
+
+@dataclass
+class ModelConfig:
+    name: Literal["gpt", "deepfm"] = "gpt"
+    """Which model to train: a GPT language model or a DeepFM CTR model."""
+    n_layer: int = 4
+    """GPT: number of transformer blocks."""
+    n_head: int = 4
+    """GPT: attention heads per block."""
+    d_model: int = 128
+    """GPT: width of the residual stream."""
+    seq_len: int = 128
+    """GPT: tokens per training sequence."""
+    vocab_size: int = 16384
+    """GPT: BPE vocabulary size (the tokenizer is trained to this size)."""
+    dropout: float = 0.0
+    """GPT: dropout probability."""
+    sparse_embedding: bool = False
+    """Make embedding tables produce torch sparse COO gradients instead of dense ones."""
+    num_fields: int = 26
+    """DeepFM: number of categorical fields (Criteo has 26)."""
+    num_dense: int = 13
+    """DeepFM: number of dense (integer) features (Criteo has 13)."""
+    rows_per_field: int = 40000
+    """DeepFM: rows of each field's embedding table (26 x 40000 ~ 1M rows in all)."""
+    embed_dim: int = 16
+    """DeepFM: embedding width of each field."""
+    mlp_dims: list[int] = field(default_factory=lambda: [256, 128])
+    """DeepFM: hidden sizes of the deep part."""
+
+
+@dataclass
+class DataConfig:
+    paths: list[str] = field(default_factory=list)
+    """Text/JSONL files or globs for the GPT (empty: the Python standard library's .py
+    files), or Criteo TSV files for DeepFM (empty: the built-in synthetic generator)."""
+    cache_dir: str = "~/.cache/zentrain"
+    """Where the trained tokenizer and token-id memmaps are cached."""
+    eval_fraction: float = 0.02
+    """Fraction of the data held out for evaluation."""
+    max_bytes: int = 0
+    """Read at most this many bytes of text (0: all)."""
+    synthetic_samples: int = 2_000_000
+    """DeepFM synthetic generator: number of distinct samples in the training stream."""
+    zipf_alpha: float = 1.1
+    """DeepFM synthetic generator: Zipf exponent of categorical ids (skew)."""
+    on_error: Literal["skip", "fail"] = "skip"
+    """What a corrupt record does: reported and skipped, or fatal."""
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 300
+    """Optimizer steps to run."""
+    batch_size: int = 16
+    """Per-rank micro-batch size (sequences for GPT, samples for DeepFM)."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    lr: float = 3e-3
+    """Peak learning rate."""
+    min_lr_ratio: float = 0.1
+    """Cosine decay floor as a fraction of ``lr``."""
+    warmup_steps: int = 20
+    """Linear warm-up steps."""
+    weight_decay: float = 0.1
+    """AdamW weight decay (not applied to biases, norms and embeddings)."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value (0: off)."""
+    seed: int = 1234
+    """Seed for model init, data order and dropout."""
+    deterministic: bool = False
+    """Use deterministic algorithms (bit-reproducible runs, slower on GPU)."""
+    bf16: bool = False
+    """Run forward/backward under bf16 autocast."""
+    eval_every: int = 100
+    """Evaluate every this many steps (0: only at the end)."""
+    eval_batches: int = 8
+    """Batches per evaluation."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Device: cuda when available under ``auto``."""
+    threads: int = 0
+    """CPU threads per rank (0: cores / local ranks)."""
+
+
+@dataclass
+class SyncConfig:
+    scheme: Literal["ddp", "dense", "agsparse", "sparcml", "omnireduce", "zen", "auto"] = "dense"
+    """Gradient synchronization scheme."""
+    bucket_mb: float = 25.0
+    """Dense all-reduce bucket size in MiB."""
+    sparse_params: Literal["embeddings", "none"] = "embeddings"
+    """Which parameters sparse schemes treat as sparse (embedding tables, or none)."""
+    dense_threshold: float = 0.5
+    """Sparse schemes fall back to dense all-reduce above this gradient density."""
+    auto_profile_steps: int = 5
+    """``auto``: steps profiled before choosing a scheme per tensor."""
+    auto_recheck_every: int = 200
+    """``auto``: re-profile and re-choose every this many steps (0: never)."""
+
+
+@dataclass
+class ParallelConfig:
+    nproc: int = 2
+    """Local worker processes (data-parallel ranks) started by ``zentrain run``."""
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    """Collective backend: gloo for CPU, NCCL for CUDA under ``auto``."""
+    timeout_s: float = 300.0
+    """Collective timeout; a peer that dies makes the others fail after this long."""
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0
+    """Persistent (torch.distributed.checkpoint) save every this many steps (0: end only)."""
+    at_end: bool = True
+    """Save a persistent checkpoint when training ends."""
+    resume: bool = False
+    """Resume from the newest checkpoint in the run directory."""
+
+
+@dataclass
+class MetricsConfig:
+    log_every: int = 1
+    """Write a metrics.jsonl row every this many steps."""
+    progress: bool = True
+    """Show a live progress bar on rank 0."""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The model."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """The data."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """The optimization loop."""
+    sync: SyncConfig = field(default_factory=SyncConfig)
+    """Gradient synchronization."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Process layout and backend."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpointing."""
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    """Metrics and progress."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# --- loading and overriding ---------------------------------------------------------------
+
+def _allowed(tp: Any) -> str:
+    if get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in get_args(tp))
+    if get_origin(tp) is list:
+        return f"a list of {get_args(tp)[0].__name__}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, tp: Any, value: Any) -> Any:
+    """Check ``value`` against the field type ``tp``; raise ConfigError naming ``key``."""
+    bad = ConfigError(f"bad value for {key}: {value!r} (allowed: {_allowed(tp)})")
+    origin = get_origin(tp)
+    if origin is Literal:
+        if value not in get_args(tp):
+            raise bad
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise bad
+        return [_coerce(key, get_args(tp)[0], v) for v in value]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise bad
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise bad
+        return value
+    raise bad
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def apply_dict(cfg: Config, data: dict[str, Any], origin: str = "config") -> Config:
+    """Merge a nested dict (from TOML) into ``cfg``; unknown keys are errors."""
+    sections = _field_types(Config)
+    for sec, body in data.items():
+        if sec not in sections:
+            raise ConfigError(
+                f"unknown config section [{sec}] in {origin} (allowed: {', '.join(sections)})")
+        if not isinstance(body, dict):
+            raise ConfigError(f"[{sec}] in {origin} must be a table of keys")
+        obj = getattr(cfg, sec)
+        types = _field_types(type(obj))
+        for key, value in body.items():
+            if key not in types:
+                raise ConfigError(f"unknown config key {sec}.{key} in {origin} "
+                                  f"(allowed: {', '.join(types)})")
+            setattr(obj, key, _coerce(f"{sec}.{key}", types[key], value))
+    return cfg
+
+
+def _parse_scalar(text: str) -> Any:
+    """Parse the right side of ``--set k=v`` as TOML would, falling back to a bare string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        pass
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    for item in overrides:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise ConfigError(f"bad override {item!r} (expected section.key=value)")
+        path, text = item.split("=", 1)
+        sec, key = path.strip().split(".", 1)
+        apply_dict(cfg, {sec: {key: _parse_scalar(text.strip())}}, origin="--set")
+    return cfg
+
+
+def validate(cfg: Config) -> Config:
+    """Cross-field checks that a single field's type cannot express."""
+    checks = [
+        (cfg.train.steps >= 1, "train.steps must be >= 1"),
+        (cfg.train.batch_size >= 1, "train.batch_size must be >= 1"),
+        (cfg.train.grad_accum >= 1, "train.grad_accum must be >= 1"),
+        (cfg.train.lr > 0, "train.lr must be > 0"),
+        (cfg.train.warmup_steps >= 0, "train.warmup_steps must be >= 0"),
+        (0 <= cfg.data.eval_fraction < 1, "data.eval_fraction must be in [0, 1)"),
+        (cfg.parallel.nproc >= 1, "parallel.nproc must be >= 1"),
+        (cfg.model.d_model % cfg.model.n_head == 0,
+         f"model.d_model ({cfg.model.d_model}) must be divisible by model.n_head "
+         f"({cfg.model.n_head})"),
+        (cfg.model.vocab_size >= 256, "model.vocab_size must be >= 256 (byte-level BPE)"),
+        (cfg.sync.bucket_mb > 0, "sync.bucket_mb must be > 0"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise ConfigError(msg)
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults < TOML file < overrides, then validated."""
+    cfg = Config()
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            data = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{p}: invalid TOML: {e}") from None
+        apply_dict(cfg, data, origin=str(p))
+    apply_overrides(cfg, overrides or [])
+    return validate(cfg)
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Rebuild a Config from ``Config.to_dict()`` output (e.g. a saved run's config.json)."""
+    return validate(apply_dict(Config(), data, origin="dict"))
