@@ -165,3 +165,15 @@ DTYPE_CODES = {
     torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3,
     torch.int64: 4, torch.int32: 5,
 }
+
+
+def gather_ints(values: list[int], counter: ByteCounter,
+                group: dist.ProcessGroup | None = None) -> list[list[int]]:
+    """All-gather a short list of ints from every rank (control data: sizes, counts)."""
+    n = world(group)
+    if n == 1:
+        return [list(values)]
+    mine = torch.tensor(values, dtype=torch.int64)
+    allv = torch.empty(n * len(values), dtype=torch.int64)
+    all_gather(allv, mine, counter, group)
+    return allv.view(n, len(values)).tolist()

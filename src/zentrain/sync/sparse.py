@@ -1,0 +1,138 @@
+"""Sparse schemes (zen, sparcml, omnireduce, agsparse, auto) inside a training step.
+
+Embedding tables get their gradient synced by a ``SparseReducer`` (one per table); every
+other parameter keeps the bucketed, overlapped dense all-reduce. A table's gradient is
+accepted in both forms the issue names: a torch sparse COO tensor (``sparse=True``
+embeddings) or a dense tensor whose untouched rows are zero. Either way only the non-zero
+rows travel; the result is written back as a dense gradient so any optimizer works.
+
+Before any payload moves, one small all-gather per table exchanges (rows, row width, dtype,
+nnz): mismatched tables across ranks become a clear error on every rank instead of a hang,
+and the agreed maximum density decides — identically on all ranks — whether the table is
+sent dense instead (``dense_threshold``), where sparse formats stop paying (ZEN §2.2).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from zentrain.sync import comm
+from zentrain.sync.base import GradSync, SparseReducer
+from zentrain.sync.dense import DenseSync
+
+
+def embedding_params(model: nn.Module) -> list[nn.Parameter]:
+    """Embedding tables: the parameters whose gradients are row-sparse."""
+    seen: dict[int, nn.Parameter] = {}
+    for m in model.modules():
+        if isinstance(m, nn.Embedding | nn.EmbeddingBag) and m.weight.requires_grad:
+            seen.setdefault(id(m.weight), m.weight)
+    return list(seen.values())
+
+
+def rows_of(grad: torch.Tensor | None, num_rows: int, like: torch.Tensor
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(indices, values) of the non-zero rows of a dense or COO gradient."""
+    if grad is None:
+        return (torch.empty(0, dtype=torch.int64, device=like.device),
+                like.new_zeros((0,) + tuple(like.shape[1:])))
+    if grad.is_sparse:
+        return grad._indices()[0], grad._values()
+    nz = grad.reshape(num_rows, -1).ne(0).any(dim=1).nonzero().squeeze(1)
+    return nz, grad[nz]
+
+
+class SparseSync(GradSync):
+    """Dense buckets for ordinary parameters, a ``SparseReducer`` per embedding table."""
+
+    def __init__(self, scheme: str, group: dist.ProcessGroup | None = None,
+                 bucket_mb: float = 25.0, dense_threshold: float = 0.5,
+                 reducer_opts: dict[str, Any] | None = None) -> None:
+        super().__init__(group)
+        self.name = scheme  # type: ignore[misc]
+        self.scheme = scheme
+        self.bucket_mb = bucket_mb
+        self.dense_threshold = dense_threshold
+        self.reducer_opts = reducer_opts or {}
+        self.tables: list[nn.Parameter] = []
+        self.reducers: list[SparseReducer] = []
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        from zentrain.sync.reducers import build_reducer
+
+        super().prepare(model)
+        self.tables = embedding_params(model)
+        self.dense = DenseSync(self.group, self.bucket_mb, exclude=set(self.tables),
+                               counter=self.counter)
+        self.dense.prepare(model)
+        self.reducers = [build_reducer(self.scheme, self.group, self.counter,
+                                       **self.reducer_opts) for _ in self.tables]
+        return model
+
+    def no_sync(self):
+        return _both_no_sync(super().no_sync(), self.dense.no_sync())
+
+    def _finish(self) -> dict[str, Any]:
+        if self.world_size == 1:
+            # No communication; COO grads still become dense for the optimizer.
+            for p in self.tables:
+                if p.grad is not None and p.grad.is_sparse:
+                    p.grad = p.grad.to_dense()
+            return {}
+        extra: dict[str, Any] = {}
+        for i, (p, reducer) in enumerate(zip(self.tables, self.reducers)):
+            extra.update({f"table{i}.{k}": v for k, v in self._sync_table(p, reducer).items()})
+        self.dense._finish()
+        return extra
+
+    def _sync_table(self, p: nn.Parameter, reducer: SparseReducer) -> dict[str, Any]:
+        num_rows = p.shape[0]
+        idx, vals = rows_of(p.grad, num_rows, p)
+        row_numel = vals[0].numel() if vals.dim() > 1 else 1
+        rows = comm.gather_ints(
+            [num_rows, row_numel, comm.DTYPE_CODES.get(vals.dtype, -1), idx.numel()],
+            self.counter, self.group)
+        shapes = [r[:3] for r in rows]
+        if any(s != shapes[0] for s in shapes):
+            desc = "; ".join(f"rank {i}: rows={s[0]} width={s[1]} dtype={s[2]}"
+                             for i, s in enumerate(shapes))
+            raise ValueError(f"embedding gradient of shape {tuple(p.shape)} differs across "
+                             f"ranks ({desc}); every rank must hold the same model")
+        max_density = max(r[3] for r in rows) / max(1, num_rows)
+        if max_density > self.dense_threshold:
+            dense = p.grad.to_dense() if p.grad is not None and p.grad.is_sparse else (
+                p.grad if p.grad is not None else torch.zeros_like(p))
+            comm.all_reduce(dense, self.counter, self.group)
+            p.grad = dense.div_(self.world_size)
+            return {"path": "dense", "density": max_density}
+        out_idx, out_vals = reducer.reduce(idx, vals, num_rows)
+        grad = torch.zeros_like(p) if p.grad is None or p.grad.is_sparse else p.grad.zero_()
+        grad.index_copy_(0, out_idx, out_vals.to(grad.dtype).div_(self.world_size))
+        p.grad = grad
+        return {"path": reducer.name, "density": max_density, **reducer.last_stats}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "reducers": [r.state_dict() for r in self.reducers]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        for r, s in zip(self.reducers, state.get("reducers", [])):
+            r.load_state_dict(s)
+
+
+class _both_no_sync:
+    def __init__(self, *cms):
+        self.cms = cms
+
+    def __enter__(self):
+        for cm in self.cms:
+            cm.__enter__()
+
+    def __exit__(self, *exc):
+        for cm in reversed(self.cms):
+            cm.__exit__(*exc)
+        return False
