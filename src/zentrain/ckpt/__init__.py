@@ -1,0 +1,1 @@
+"""Checkpoints: persistent (torch.distributed.checkpoint)."""

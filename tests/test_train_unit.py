@@ -1,0 +1,15 @@
+import math
+
+from zentrain.config import load_config
+from zentrain.train import lr_at
+
+
+def test_lr_schedule_warmup_then_cosine_to_floor():
+    cfg = load_config(None, ["train.steps=100", "train.warmup_steps=10", "train.lr=1.0",
+                             "train.min_lr_ratio=0.1"])
+    assert math.isclose(lr_at(cfg, 0), 0.1)
+    assert math.isclose(lr_at(cfg, 9), 1.0)
+    assert math.isclose(lr_at(cfg, 10), 1.0)
+    assert math.isclose(lr_at(cfg, 100), 0.1)
+    lrs = [lr_at(cfg, s) for s in range(10, 101)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
