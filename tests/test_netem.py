@@ -29,19 +29,26 @@ from zentrain.netem import (
     run_in_cluster,
     sweep_stale,
 )
-from zentrain.netem.system import NS_PATTERN, list_namespaces
+from zentrain.netem.system import ETC_NETNS, NS_PATTERN, list_namespaces
 
 _REASON = check_available()
 needs_netem = pytest.mark.skipif(_REASON is not None, reason=f"no network emulation: {_REASON}")
 
 
 def _ours(run_id: str | None = None) -> list[str]:
-    """Our namespaces (all of them, or one cluster's) plus any zt* link in the root namespace."""
+    """Our namespaces (all, or one cluster's), zt* links in the root namespace, /etc/netns dirs."""
     found = [n for n in list_namespaces()
              if (m := NS_PATTERN.match(n)) and (run_id is None or m.group(1) == run_id)]
     links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
     found += re.findall(r"^\d+: (zt[0-9a-f]{6}\w*)", links, flags=re.MULTILINE)
+    etc = ETC_NETNS.iterdir() if ETC_NETNS.is_dir() else []
+    found += [f"/etc/netns/{p.name}" for p in etc if NS_PATTERN.match(p.name)
+              and (run_id is None or p.name.startswith(f"zt{run_id}-"))]
     return found
+
+
+def list_namespaces_of(run_id: str) -> list[str]:
+    return [n for n in list_namespaces() if n.startswith(f"zt{run_id}-")]
 
 
 @pytest.fixture
@@ -182,7 +189,7 @@ def _start_owner() -> tuple[subprocess.Popen, str, int]:
     owner = subprocess.Popen([sys.executable, "-c", _OWNER, package_dir], stdout=subprocess.PIPE,
                              text=True)
     run_id, worker = owner.stdout.readline().split()
-    assert len(_ours(run_id)) == 3
+    assert len(list_namespaces_of(run_id)) == 3
     return owner, run_id, int(worker)
 
 
@@ -204,7 +211,7 @@ def test_sigkilled_owner_is_swept_by_the_next_cluster(clean):
     owner, run_id, worker = _start_owner()
     owner.kill()
     owner.wait()
-    assert len(_ours(run_id)) == 3  # SIGKILL: nothing could clean up
+    assert len(list_namespaces_of(run_id)) == 3  # SIGKILL: nothing could clean up
     with EmulatedCluster(1, rate=None):
         assert _ours(run_id) == []
     assert _gone(worker), "the stale cluster's worker survived the sweep"
