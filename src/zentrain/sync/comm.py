@@ -74,7 +74,7 @@ def all_gather(
         return
     b = nbytes(inp) * (n - 1)
     counter.add(b, b)
-    dist.all_gather_into_tensor(out, inp.contiguous(), group=group)
+    dist.all_gather_single(out, inp.contiguous(), group=group)
 
 
 def all_to_all(
@@ -154,7 +154,7 @@ def check_consistent(
         return
     mine = torch.tensor(values, dtype=torch.int64)
     allv = torch.empty(n * len(values), dtype=torch.int64)
-    dist.all_gather_into_tensor(allv, mine, group=group)
+    dist.all_gather_single(allv, mine, group=group)
     rows = allv.view(n, len(values)).tolist()
     if any(r != rows[0] for r in rows):
         desc = "; ".join(f"rank {i}: {r}" for i, r in enumerate(rows))
