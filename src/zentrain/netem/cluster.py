@@ -237,7 +237,7 @@ def _on_signal(signum: int, frame: FrameType | None) -> None:
     _close_all()  # also restores the previous handlers
     if callable(previous):
         previous(signum, frame)  # e.g. default_int_handler raises KeyboardInterrupt
-    elif previous == signal.SIG_DFL:
+    else:  # SIG_DFL, or None for a handler installed outside Python: die by the signal
         signal.signal(signum, signal.SIG_DFL)
         os.kill(os.getpid(), signum)
 
@@ -250,7 +250,8 @@ def _register(cluster: EmulatedCluster) -> None:
             _ATEXIT_REGISTERED = True
         if not _LIVE and threading.current_thread() is threading.main_thread():
             for sig in _HANDLED_SIGNALS:
-                _PREVIOUS[sig] = signal.signal(sig, _on_signal)
+                if signal.getsignal(sig) != signal.SIG_IGN:  # nohup'd: keep ignoring it
+                    _PREVIOUS[sig] = signal.signal(sig, _on_signal)
         _LIVE.append(cluster)
 
 
