@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from zentrain.config import ConfigError, load_config
+from zentrain.data.corpus import DataError
 
 
 def _add_run(sub: argparse._SubParsersAction) -> None:
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ConfigError as e:
+    except (ConfigError, DataError) as e:
         print(f"zentrain: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -27,6 +27,7 @@ from torch import nn
 from zentrain.api import DataParallel
 from zentrain.ckpt import persistent
 from zentrain.config import Config, ConfigError, load_config
+from zentrain.data.corpus import DataError
 from zentrain.metrics import MetricsWriter, Progress, StepTimer, peak_memory_bytes, print_summary
 
 
@@ -107,7 +108,7 @@ def _reduce_stats(values: list[float], d: Dist) -> tuple[list[float], list[float
     if d.world_size == 1:
         return values, values
     out = torch.empty(d.world_size * len(values), dtype=torch.float64, device=d.device)
-    dist.all_gather_into_tensor(out, t)
+    dist.all_gather_single(out, t)
     m = out.view(d.world_size, len(values))
     return m.mean(0).tolist(), m.max(0).values.tolist()
 
@@ -328,9 +329,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, overrides)
         run_dir = Path(args.run_dir or os.environ.get("ZENTRAIN_RUN_DIR") or default_run_dir(cfg))
         run(cfg, run_dir)
-    except (ConfigError, NonFiniteLoss) as e:
+    except (ConfigError, DataError, NonFiniteLoss) as e:
         print(f"zentrain: error: {e}", file=sys.stderr)
-        return 2 if isinstance(e, ConfigError) else 3
+        return 3 if isinstance(e, NonFiniteLoss) else 2
     return 0
 
 
