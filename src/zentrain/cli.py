@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from pathlib import Path
 
@@ -54,6 +55,17 @@ def build_parser() -> argparse.ArgumentParser:
                                 "training: sparse gradient sync, compression, fast recovery.")
     sub = p.add_subparsers(dest="command", required=True)
     _add_run(sub)
+    from zentrain import bench
+
+    bench.register(sub)
+    for name in ("analyze", "chaos"):  # subcommands that live in their own modules
+        try:
+            mod = importlib.import_module(f"zentrain.{name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"zentrain.{name}":
+                raise
+            continue
+        mod.register(sub)
     return p
 
 
