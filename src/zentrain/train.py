@@ -208,6 +208,9 @@ class Trainer:
                        "sync_bytes_sent": s.bytes_sent, "sync_bytes_recv": s.bytes_recv,
                        "sync_bytes_sent_max": int(max_sent), "sync_bytes_recv_max": int(max_recv),
                        "peak_mem_bytes": peak_memory_bytes(d.device)}
+                if s.extra:  # scheme figures: path taken, density, imbalance per table
+                    row["sync_stats"] = {k: v for k, v in s.extra.items()
+                                         if isinstance(v, int | float | str | bool)}
                 hist.append(row)
                 if self.step % cfg.metrics.log_every == 0 or self.step == cfg.train.steps:
                     metrics.write(row)
