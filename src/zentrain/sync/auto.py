@@ -17,6 +17,7 @@ on them is the same everywhere. ``last_stats`` is the inner scheme's plus ``sche
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -95,7 +96,10 @@ class AutoReducer(SparseReducer):
             self.profile = self._empty_profile()  # a re-check starts a fresh profile
         scheme = "zen" if profiling else self.choice
         red = self.reducers[scheme]
-        out = red.reduce(indices, values, num_rows)
+        try:
+            out = red.reduce(indices, values, num_rows)
+        except ValueError as e:
+            raise ValueError(f"auto reducer (using {scheme}): {e}") from e
         st = red.last_stats
         if profiling:
             p = self.profile
@@ -103,7 +107,7 @@ class AutoReducer(SparseReducer):
             p["nnz_sum"] += int(st.get("nnz_sum", 0))
             p["out_nnz"] += int(st.get("out_nnz", 0))
             p["num_rows"] = int(num_rows)
-            p["row_numel"] = int(values[0].numel()) if values.dim() > 1 else 1
+            p["row_numel"] = math.prod(values.shape[1:])
             p["elem_bytes"] = values.element_size()
             p["index_bytes"] = 4 if num_rows <= 2**31 - 1 else 8
             if p["calls"] >= self.profile_steps:

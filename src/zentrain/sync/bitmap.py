@@ -110,21 +110,31 @@ def row_nbytes(values: torch.Tensor) -> int:
 
 def values_to_bytes(values: torch.Tensor) -> torch.Tensor:
     """``[nnz, *row]`` of any dtype -> uint8 ``[nnz, row_bytes]`` (a copy, contiguous)."""
-    nnz = values.shape[0]
-    return values.detach().contiguous().reshape(nnz, -1).view(torch.uint8).reshape(nnz, -1)
+    nnz, numel = values.shape[0], math.prod(values.shape[1:])
+    flat = values.detach().contiguous().reshape(nnz, numel)
+    return flat.view(torch.uint8).reshape(nnz, numel * values.element_size())
+
+
+def bytes_as(buf: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Reinterpret uint8 ``buf`` as a flat ``dtype`` tensor (copies only if misaligned)."""
+    flat = buf.reshape(-1)  # a view when contiguous, else a fresh (aligned) copy
+    if flat.storage_offset() % torch.empty(0, dtype=dtype).element_size():
+        flat = flat.clone()
+    return flat.view(dtype)
 
 
 def values_from_bytes(
     buf: torch.Tensor, dtype: torch.dtype, row_shape: tuple[int, ...]
 ) -> torch.Tensor:
-    nnz = buf.shape[0]
-    return buf.contiguous().view(dtype).reshape((nnz, *row_shape))
+    """uint8 ``[nnz, row_bytes]`` -> ``[nnz, *row_shape]`` of ``dtype``."""
+    return bytes_as(buf, dtype).reshape((buf.shape[0], *row_shape))
 
 
 def pack_coo(indices: torch.Tensor, values: torch.Tensor, idx_dtype: torch.dtype) -> torch.Tensor:
     """COO -> uint8 rows ``[nnz, index_bytes + row_bytes]`` (index first)."""
     nnz = indices.numel()
-    ib = indices.to(idx_dtype).contiguous().view(torch.uint8).reshape(nnz, -1)
+    isz = torch.empty(0, dtype=idx_dtype).element_size()
+    ib = indices.to(idx_dtype).contiguous().view(torch.uint8).reshape(nnz, isz)
     return torch.cat([ib, values_to_bytes(values)], dim=1)
 
 
@@ -132,7 +142,7 @@ def unpack_coo(
     buf: torch.Tensor, idx_dtype: torch.dtype, dtype: torch.dtype, row_shape: tuple[int, ...]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     isz = torch.empty(0, dtype=idx_dtype).element_size()
-    idx = buf[:, :isz].contiguous().view(idx_dtype).reshape(-1).to(torch.int64)
+    idx = bytes_as(buf[:, :isz], idx_dtype).to(torch.int64)
     return idx, values_from_bytes(buf[:, isz:], dtype, row_shape)
 
 

@@ -17,8 +17,9 @@ Formulas (bytes received by the busiest rank; ``n ≥ 2``):
 * AGsparse: ``(n-1) · nnz·coo`` (one-shot centralization)
 * SparCML (Eq. 2): ``Σ_{i=1..log2 n} min(γ_{2^{i-1}}·nnz·coo, dense_i)``, where
   ``dense_i = M·elem + R/8`` once the sparse stream switches to dense. If ``n`` is not a
-  power of two (``p < n``), add the fold (``nnz·coo``) and the return of the result, and
-  use ``γ`` at ``2^{i-1}·n/p``.
+  power of two (``p < n``), the fold (``nnz·coo``) and the return of the result lie on
+  the critical path too (``Cost.path_bytes``), and the stages use ``γ`` at
+  ``2^{i-1}·n/p``.
 * OmniReduce (sparse PS, App. B.1): push ``(n-1)·s·nnz/n·coo``, pull (all-gather padded
   to the hottest server) ``(n-1)·s·γ·nnz/n·coo``; ``s`` = skew.
 * ZEN (Eq. 1 + hash bitmap): push ``(n-1)/n·nnz·coo``, pull ``(n-1)/n ·
@@ -84,13 +85,17 @@ class Workload:
 @dataclass(frozen=True)
 class Cost:
     recv_bytes: float
-    """Bytes received by the busiest rank (on the critical path)."""
+    """Bytes received by the busiest rank."""
     messages: int
     """Sequential message rounds."""
+    path_bytes: float | None = None
+    """Bytes received one after another along the critical path, when that is more than
+    ``recv_bytes`` (SparCML with n not a power of two: fold, stages, return)."""
 
     def time(self, bandwidth: float, latency: float = 0.0) -> float:
         """Seconds at ``bandwidth`` bytes/s plus ``latency`` s per round."""
-        return self.recv_bytes / bandwidth + self.messages * latency
+        path = self.recv_bytes if self.path_bytes is None else self.path_bytes
+        return path / bandwidth + self.messages * latency
 
 
 def gamma_at(k: float, gamma_n: float, n: int) -> float:
@@ -127,13 +132,14 @@ def sparcml(w: Workload) -> Cost:
         return Cost(0.0, 0)
     p = 1 << (w.n.bit_length() - 1)
     scale = w.n / p
-    total = sum(_sparcml_payload(w, 2 ** (i - 1) * scale)
-                for i in range(1, int(math.log2(p)) + 1))
+    stages = sum(_sparcml_payload(w, 2 ** (i - 1) * scale)
+                 for i in range(1, int(math.log2(p)) + 1))
     rounds = 2 * int(math.log2(p))
-    if p < w.n:
-        total += _sparcml_payload(w, 1) + _sparcml_payload(w, w.n)
-        rounds += 4
-    return Cost(total, rounds)
+    if p == w.n:
+        return Cost(stages, rounds)
+    fold, back = _sparcml_payload(w, 1), _sparcml_payload(w, w.n)
+    # Folded ranks receive fold + stages; the extra ranks only the result, afterwards.
+    return Cost(max(fold + stages, back), rounds + 4, path_bytes=fold + stages + back)
 
 
 def omnireduce(w: Workload) -> Cost:

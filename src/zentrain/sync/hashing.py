@@ -64,12 +64,13 @@ def _srl(x: torch.Tensor, s: int) -> torch.Tensor:
 
 def hash64(x: torch.Tensor, seed: int) -> torch.Tensor:
     """Seeded 64-bit hash of int64 ``x`` (wrapping arithmetic; uint64 bits as int64)."""
-    k = x.to(torch.int64) * _GOLDEN + _to_signed(seed)
-    k = k ^ _srl(k, 33)
-    k = k * _C1
-    k = k ^ _srl(k, 33)
-    k = k * _C2
-    return k ^ _srl(k, 33)
+    k = x.to(torch.int64) * _GOLDEN  # a new tensor: the in-place steps below are safe
+    k += _to_signed(seed)
+    for c in (_C1, _C2):
+        k ^= _srl(k, 33)
+        k *= c
+    k ^= _srl(k, 33)
+    return k
 
 
 def _to_signed(v: int) -> int:
@@ -78,8 +79,15 @@ def _to_signed(v: int) -> int:
 
 
 def bucket(x: torch.Tensor, seed: int, m: int) -> torch.Tensor:
-    """``hash64(x, seed)`` reduced to ``[0, m)``."""
-    return (hash64(x, seed) & _POS_MASK) % m
+    """``hash64(x, seed)`` reduced to ``[0, m)``.
+
+    Multiply-shift range reduction of the top 32 bits (``(h >> 32) · m >> 32``) instead of
+    ``%``: a multiply instead of an int64 division, and just as uniform for ``m < 2^31``.
+    """
+    h = hash64(x, seed)
+    if m < 2**31:
+        return (_srl(h, 32) * m) >> 32
+    return (h & _POS_MASK) % m
 
 
 @dataclass(frozen=True)
@@ -147,8 +155,11 @@ def hierarchical_hash(
     part = h0(idx, n, seeds.level0)
     x = torch.full((n * width,), -1, dtype=torch.int64, device=dev)
     homeless = torch.arange(nnz, device=dev)
-    for s in seeds.level2:
-        slot = part[homeless] * width + bucket(idx[homeless], s, width)
+    for r, s in enumerate(seeds.level2):
+        if r == 0:  # everyone is homeless in round 1: skip the gathers
+            slot = part * width + bucket(idx, s, width)
+        else:
+            slot = part[homeless] * width + bucket(idx[homeless], s, width)
         free = x[slot] < 0
         x.scatter_reduce_(0, slot[free], homeless[free], reduce="amax", include_self=True)
         homeless = homeless[x[slot] != homeless]

@@ -33,6 +33,7 @@ import torch
 
 from zentrain.sync import comm
 from zentrain.sync.bitmap import (
+    bytes_as,
     index_dtype,
     pack_coo,
     pad8,
@@ -69,7 +70,7 @@ class ParallelReducer(RowReducer):
     def _decode_index(self, server: int, raw: torch.Tensor, fmt: str, rows: int,
                       idt: torch.dtype) -> torch.Tensor:
         isz = torch.empty(0, dtype=idt).element_size()
-        return raw[: rows * isz].contiguous().view(idt).to(torch.int64)
+        return bytes_as(raw[: rows * isz], idt).to(torch.int64)
 
     def _index_bytes(self, server: int, fmt: str, rows: int, idt: torch.dtype) -> int:
         return rows * torch.empty(0, dtype=idt).element_size()
@@ -94,11 +95,14 @@ class ParallelReducer(RowReducer):
         # Push: my chunk j goes to server j; I receive chunk `me` of every rank, rank order.
         in_splits = splits[me]
         out_splits = [splits[j][me] for j in range(n)]
-        recv = torch.empty((sum(out_splits), width), dtype=torch.uint8, device=dev)
+        recv = torch.empty(sum(out_splits) * width, dtype=torch.uint8, device=dev)
         if any(any(r) for r in splits):
-            send = pack_coo(idx[part.order], vals[part.order], idt)
-            comm.all_to_all(recv, send, out_splits, in_splits, self.counter, self.group)
-        sidx, svals = sum_rows_ordered(*unpack_coo(recv, idt, vals.dtype, row_shape))
+            # Flat bytes (splits in bytes): also fine when this rank sends no rows.
+            send = pack_coo(idx[part.order], vals[part.order], idt).reshape(-1)
+            comm.all_to_all(recv, send, [s * width for s in out_splits],
+                            [s * width for s in in_splits], self.counter, self.group)
+        sidx, svals = sum_rows_ordered(
+            *unpack_coo(recv.view(-1, width), idt, vals.dtype, row_shape))
 
         # Pull: result sizes first, so formats and padding are known to every rank.
         sizes = torch.empty(n, dtype=torch.int64, device=dev)
