@@ -17,6 +17,7 @@ import torch
 
 from zentrain.sync import cost
 from zentrain.sync.comm import ByteCounter
+from zentrain.sync.hashing import hierarchical_hash
 from zentrain.sync.reducers import build_reducer
 from zentrain.testing import run_ranks
 
@@ -104,7 +105,12 @@ def _run_cases(rank: int, world: int, cases: list[dict]) -> dict:
             out[name].append((_to_bytes(i), _to_bytes(v)))
             stats[name].append({k: val for k, val in red.last_stats.items()
                                 if isinstance(val, (int, float, str))})
-    return {"out": out, "stats": stats}
+    # h0 and the partition of the same index set are identical on every rank.
+    zen = reducers["zen"]
+    probe = torch.randperm(5000, generator=torch.Generator().manual_seed(0))[:3000]
+    part = hierarchical_hash(probe, world, zen.seeds)
+    return {"out": out, "stats": stats,
+            "partition": (zen.seeds.as_list(), part.order.tolist(), part.splits)}
 
 
 # -- checks (parent) ---------------------------------------------------------------------------
@@ -124,6 +130,7 @@ def _reference(case: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, li
 
 
 def _check(world: int, cases: list[dict], results: list[dict]) -> None:
+    assert all(r["partition"] == results[0]["partition"] for r in results)
     for c, case in enumerate(cases):
         ref, abs_sum, terms, union = _reference(case)
         dtype = case["data"][0][1].dtype

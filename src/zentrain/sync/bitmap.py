@@ -61,6 +61,7 @@ class HashUniverse:
 
     def __init__(self, num_rows: int, n: int, seed: int, device: torch.device | str) -> None:
         self.num_rows, self.n, self.seed = num_rows, n, seed
+        self.device = torch.device(device)
         rows = torch.arange(num_rows, device=device)
         server = h0(rows, n, seed)
         # Stable sort: grouped by server, ascending index inside each group.

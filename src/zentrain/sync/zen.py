@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 from zentrain.sync import comm
-from zentrain.sync.bitmap import hash_universe
+from zentrain.sync.bitmap import HashUniverse
 from zentrain.sync.comm import ByteCounter
 from zentrain.sync.hashing import HashSeeds, Partition, hierarchical_hash, sort_partition
 from zentrain.sync.omnireduce import ParallelReducer
@@ -74,6 +74,7 @@ class ZenReducer(ParallelReducer):
         t = torch.tensor(drawn.as_list(), dtype=torch.int64, device=comm_device(group))
         comm.broadcast(t, 0, counter, group)
         self.seeds = HashSeeds.from_list(t.tolist())
+        self._universe: HashUniverse | None = None
 
     def _partition(self, idx: torch.Tensor, num_rows: int) -> Partition:
         n = self.world_size
@@ -88,7 +89,13 @@ class ZenReducer(ParallelReducer):
     def _pull_formats(self, num_rows, server_rows, device):
         if self.pull_format == "coo":
             return ["coo"] * len(server_rows)
-        self._universe = hash_universe(num_rows, self.world_size, self.seeds.level0, device)
+        u = self._universe
+        if u is None or (u.num_rows, u.seed, u.device) != (num_rows, self.seeds.level0,
+                                                             torch.device(device)):
+            # Built once per tensor (h0 is fixed) and owned by this reducer, so memory
+            # (4 bytes per row) goes away with it and many tensors don't thrash a cache.
+            self._universe = u = HashUniverse(num_rows, self.world_size, self.seeds.level0,
+                                              device)
         isz = 4 if num_rows <= 2**31 - 1 else 8
         return ["bitmap" if self.pull_format == "bitmap"
                 or self._universe.bitmap_bytes(j) < m * isz else "coo"
