@@ -15,6 +15,7 @@ These are the standard cost models of the algorithms gloo and NCCL use (see
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -91,7 +92,7 @@ def all_to_all(
     if n == 1:
         out.copy_(inp)
         return
-    row = inp[0].numel() * inp.element_size() if inp.dim() > 1 else inp.element_size()
+    row = math.prod(inp.shape[1:]) * inp.element_size()  # safe for an empty input
     counter.add(
         row * (sum(in_splits) - in_splits[me]), row * (sum(out_splits) - out_splits[me])
     )
