@@ -1,0 +1,129 @@
+"""End-to-end: the ``zentrain`` command as a user runs it (2 local ranks, real launcher)."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+# Small text settings so each run builds its tokenizer in seconds; the cache is shared.
+SMALL_GPT = ["--set", "data.max_bytes=1500000", "--set", "model.vocab_size=1024",
+             "--set", "model.n_layer=2", "--set", "model.d_model=64", "--set", "model.n_head=2",
+             "--set", "model.seq_len=64", "--set", "train.batch_size=8",
+             "--set", "train.eval_batches=2"]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+def zentrain(*args, cwd, cache=None, timeout=300):
+    env = dict(os.environ, CI="1")
+    extra = ["--set", f"data.cache_dir={cache}"] if cache else []
+    cmd = [sys.executable, "-m", "zentrain.cli", *args]
+    if args and args[0] == "run":
+        cmd += extra
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_run_debug_config_five_steps(tmp_path, cache):
+    """The quickstart command with the shipped default config, shortened to 5 steps."""
+    r = zentrain("run", str(ROOT / "configs" / "debug.toml"), "--set", "train.steps=5",
+                 "--run-dir", "out", cwd=tmp_path, cache=cache)
+    assert r.returncode == 0, r.stdout + r.stderr
+    run = tmp_path / "out"
+    steps = [x for x in rows(run) if "loss" in x]
+    assert [x["step"] for x in steps] == [1, 2, 3, 4, 5]
+    for key in ("lr", "step_time_s", "data_wait_s", "forward_s", "backward_s", "sync_s",
+                "optimizer_s", "tokens_per_s", "sync_bytes_sent", "peak_mem_bytes"):
+        assert key in steps[-1], key
+    assert steps[-1]["sync_bytes_sent"] > 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 5
+    assert "eval_loss" in summary["eval"]
+    assert (run / "config.json").is_file() and (run / "checkpoints" / "latest").is_file()
+    assert "sync bytes sent" in r.stdout  # the summary table
+
+
+def test_run_deepfm_five_steps(tmp_path):
+    r = zentrain("run", str(ROOT / "configs" / "deepfm.toml"), "--set", "train.steps=5",
+                 "--set", "model.rows_per_field=2000", "--run-dir", "out", cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["unit"] == "samples" and {"auc", "log_loss"} <= set(summary["eval"])
+
+
+def test_resume_continues_the_loss_curve(tmp_path, cache):
+    const_lr = ["--set", "train.warmup_steps=0", "--set", "train.min_lr_ratio=1.0",
+                "--set", "train.eval_every=0"]
+    full = zentrain("run", *SMALL_GPT, *const_lr, "--set", "train.steps=6", "--run-dir", "full",
+                    cwd=tmp_path, cache=cache)
+    assert full.returncode == 0, full.stderr
+    first = zentrain("run", *SMALL_GPT, *const_lr, "--set", "train.steps=3", "--run-dir", "part",
+                     cwd=tmp_path, cache=cache)
+    assert first.returncode == 0, first.stderr
+    again = zentrain("run", *SMALL_GPT, *const_lr, "--set", "train.steps=6", "--run-dir", "part",
+                     "--resume", cwd=tmp_path, cache=cache)
+    assert again.returncode == 0, again.stderr
+    want = [x["loss"] for x in rows(tmp_path / "full") if "loss" in x]
+    got = [x["loss"] for x in rows(tmp_path / "part") if "loss" in x]
+    assert [x["step"] for x in rows(tmp_path / "part") if "loss" in x] == [1, 2, 3, 4, 5, 6]
+    assert got == want  # bit-identical continuation (CPU, same thread counts)
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--set", "train.stepz=5"], "unknown config key train.stepz"),
+    (["--set", "sync.scheme=fast"], "bad value for sync.scheme: 'fast'"),
+    (["--nproc", "0"], "bad --nproc 0"),
+    (["--set", 'data.paths=["/no/such/file.txt"]'], "data path not found: /no/such/file.txt"),
+    (["--resume", "--run-dir", "nothing-here"], "no committed checkpoint"),
+])
+def test_bad_input_is_a_one_line_error(tmp_path, args, match):
+    r = zentrain("run", *args, cwd=tmp_path)
+    assert r.returncode == 2, r.stdout + r.stderr
+    lines = [x for x in r.stderr.splitlines() if x.startswith("zentrain: error:")]
+    assert len(lines) == 1 and match in lines[0], r.stderr
+
+
+def test_empty_corpus_and_too_many_ranks(tmp_path, cache):
+    (tmp_path / "empty.txt").write_text("")
+    r = zentrain("run", "--set", 'data.paths=["empty.txt"]', cwd=tmp_path, cache=cache)
+    assert r.returncode == 2 and "zentrain: error:" in r.stderr, r.stderr
+    words = [f"w{i * 7919 % 1000}" for i in range(400)]  # ~1k tokens: enough for 1 rank
+    (tmp_path / "tiny.txt").write_text(" ".join(words))
+    r = zentrain("run", "--nproc", "8", "--set", 'data.paths=["tiny.txt"]',
+                 "--set", "model.vocab_size=300", "--set", "model.seq_len=128",
+                 "--set", "data.eval_fraction=0.5", cwd=tmp_path, cache=cache)
+    assert r.returncode == 2 and "--nproc 8" in r.stderr, r.stderr
+
+
+def test_port_in_use_is_reported(tmp_path, cache):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        r = zentrain("run", *SMALL_GPT, "--port", str(port), cwd=tmp_path, cache=cache)
+    assert r.returncode == 2 and f"port {port} is in use" in r.stderr, r.stderr
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, cache):
+    r = zentrain("run", *SMALL_GPT, "--set", "train.steps=2", "--run-dir", "out", cwd=tmp_path,
+                 cache=cache)
+    assert r.returncode == 0, r.stderr
+    ckpts = sorted(p.name for p in (tmp_path / "out" / "checkpoints").iterdir())
+    r = zentrain("run", *SMALL_GPT, "--set", "train.steps=6", "--set", "train.lr=1e38",
+                 "--set", "train.grad_clip=0", "--set", "train.warmup_steps=0",
+                 "--run-dir", "out", "--resume", cwd=tmp_path, cache=cache)
+    assert r.returncode != 0
+    assert "non-finite loss" in r.stderr, r.stderr
+    assert sorted(p.name for p in (tmp_path / "out" / "checkpoints").iterdir()) == ckpts
