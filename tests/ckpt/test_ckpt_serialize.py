@@ -53,6 +53,10 @@ def test_round_trip_is_exact():
     assert same(state, out)
     assert out["model"]["0.weight"] is out["model"]["3.weight"]
     assert out["optim"]["param_groups"][0]["betas"] == (0.9, 0.95)
+    # Tensors own their storage: set_rng_state ignores storage offsets (it read garbage
+    # or crashed when handed a view into the payload).
+    assert all(t.storage_offset() == 0 for t in (out["rng"], out["bf16"], out["scalar"]))
+    torch.set_rng_state(out["rng"])
     # The optimizer state loads back into a fresh optimizer.
     model = nn.Sequential(nn.Embedding(50, 16), nn.Linear(16, 16), nn.LayerNorm(16),
                           nn.Linear(16, 50))

@@ -201,12 +201,15 @@ def verify(h: dict[str, Any], payload: Any) -> None:
         verify_chunk(h, i, mv[i * chunk:(i + 1) * chunk])
 
 
-def unflatten(h: dict[str, Any], buf: torch.Tensor) -> Any:
+def unflatten(h: dict[str, Any], buf: torch.Tensor, copy: bool = True) -> Any:
     """Rebuild the state from a verified header and its payload (a uint8 tensor).
 
-    Tensors are views into ``buf`` (no copy); clone them if ``buf`` will be reused.
+    By default every tensor gets its own storage, like ``torch.load``: views into one
+    buffer are not safe to hand out (``torch.set_rng_state`` ignores the storage offset
+    and reads the wrong bytes, or past the end), and one kept view would pin the whole
+    buffer. ``copy=False`` returns views for callers that only copy out of them.
     """
-    tensors = [_view(buf, s) for s in h["tensors"]]
+    tensors = [_view(buf, s).clone() if copy else _view(buf, s) for s in h["tensors"]]
 
     def dec(x: Any) -> Any:
         if x is None or isinstance(x, bool | int | float | str):
