@@ -1,0 +1,693 @@
+"""The per-node checkpoint agent: in-memory checkpoint versions that outlive the workers.
+
+One agent process runs on every node, outside the training workers, so a crashed worker's
+last checkpoint is still there when torchrun restarts it (GEMINI, SOSP '23 §3). It keeps
+
+* its own node's shards: each local worker streams its rank's state for a step (``put``);
+* replicas of its peers' shards, per ``Placement`` (groups of m, a ring for the rest):
+  while a shard arrives from a worker, the agent relays each verified chunk to the m-1
+  replica holders (a pipeline, so replication finishes about when the local copy does).
+
+**Two-phase commit.** A step is *prepared* on node n once all of n's ``local_world``
+shards are stored and checksum-verified locally *and* every replica holder has acked its
+verified copy; the agent then tells every other agent. A step is *committed* at an agent
+when it has heard "prepared" from all N nodes — only then can every rank be restored.
+Each agent keeps its newest ``keep_committed`` committed steps and at most
+``max_inflight`` newer uncommitted ones, and deletes the rest. A torn shard (the sender
+died or timed out mid-stream) or one whose CRC fails is deleted on the spot, never acked,
+so its step can never commit; ``get`` re-checks CRCs before serving anything.
+
+**Storage.** Each shard is a file in a tmpfs directory (``/dev/shm/zentrain-JOB-nodeN``),
+not a ``multiprocessing.shared_memory`` segment: Python 3.11's segments are registered with
+a resource tracker that unlinks (and warns about) them when a process exits, file names
+say what they hold (``ls`` is a debugger), ``sendfile`` serves them without copies, and
+one ``rmtree`` cleans up even after the agent was SIGKILLed (``AgentHandle.kill`` does).
+
+**Wire protocol** (TCP; plain sockets since this is not gradient traffic): each message
+is a 4-byte big-endian length and a JSON object; ``put`` and a successful ``get`` reply
+are followed by the raw payload. Every socket operation has a timeout.
+
+Start one with ``python -m zentrain.ckpt.agent --node I --nodes N --peers H:P,H:P,...``,
+or from Python with ``start_agent`` / ``start_local_agents`` (what tests and a single-host
+launcher use). SIGTERM shuts it down cleanly and removes its directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from zentrain.ckpt import serialize
+from zentrain.ckpt.placement import Placement
+
+MAX_MSG = 256 << 20  # a header for a huge optimizer state is still far below this
+
+
+class ProtocolError(RuntimeError):
+    """A peer sent something malformed, closed mid-message, or replied with an error."""
+
+
+@dataclass
+class AgentConfig:
+    """One node's agent. Addresses are ``host:port``; ``peers[i]`` is node i's agent."""
+
+    node: int
+    nodes: int
+    peers: list[str]
+    local_world: int = 1
+    """Shards (ranks) this node's workers put per step; a step is prepared with all of them."""
+    m: int = 2
+    """Copies of every checkpoint in CPU memory, the node's own included (GEMINI's m)."""
+    job: str = "job"
+    """Job id; requests for another job are refused so two runs never mix."""
+    shm_root: str = "/dev/shm"
+    """tmpfs directory under which the agent keeps its shards."""
+    keep_committed: int = 1
+    """Committed steps to keep (2 lets recovery fall back if the newest is damaged)."""
+    max_inflight: int = 2
+    """Uncommitted steps newer than the last commit to keep (more are dropped, oldest first)."""
+    forward_bytes_per_s: float = 0.0
+    """Throttle for replica traffic to peers (0: unthrottled)."""
+    timeout_s: float = 30.0
+    """Timeout of every socket operation (connect, each send/recv)."""
+    exit_with_parent: bool = True
+    """Shut down when the process that started the agent goes away."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.node < self.nodes or len(self.peers) != self.nodes:
+            raise ValueError(f"agent config: need 0 <= node < nodes and one peer address per "
+                             f"node; got node={self.node}, nodes={self.nodes}, "
+                             f"{len(self.peers)} peers")
+        if self.local_world < 1 or self.keep_committed < 1 or self.max_inflight < 1:
+            raise ValueError("agent config: local_world, keep_committed and max_inflight "
+                             "must be >= 1")
+
+    @property
+    def dir(self) -> Path:
+        return Path(self.shm_root) / f"zentrain-{self.job}-node{self.node}"
+
+
+# -- framing (also used by the worker-side client) --------------------------------------------
+
+def parse_addr(addr: str) -> tuple[str, int]:
+    host, _, port = addr.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"bad agent address {addr!r}; expected HOST:PORT")
+    return host, int(port)
+
+
+def connect(addr: str, timeout: float) -> socket.socket:
+    s = socket.create_connection(parse_addr(addr), timeout=timeout)
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return s
+
+
+def send_msg(sock: socket.socket, msg: dict[str, Any]) -> None:
+    body = json.dumps(msg).encode()
+    sock.sendall(struct.pack(">I", len(body)) + body)
+
+
+def recv_exact(sock: socket.socket, view: memoryview) -> None:
+    got = 0
+    while got < len(view):
+        n = sock.recv_into(view[got:])
+        if n == 0:
+            raise ProtocolError("connection closed mid-message")
+        got += n
+
+
+def recv_msg(sock: socket.socket) -> dict[str, Any]:
+    head = bytearray(4)
+    recv_exact(sock, memoryview(head))
+    (n,) = struct.unpack(">I", head)
+    if n > MAX_MSG:
+        raise ProtocolError(f"message of {n} bytes is over the {MAX_MSG} limit")
+    body = bytearray(n)
+    recv_exact(sock, memoryview(body))
+    msg = json.loads(body)
+    if not isinstance(msg, dict):
+        raise ProtocolError("message is not a JSON object")
+    return msg
+
+
+def request(addr: str, msg: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """One request/reply without payload; raises ProtocolError on an error reply."""
+    with connect(addr, timeout) as s:
+        send_msg(s, msg)
+        reply = recv_msg(s)
+    if not reply.get("ok"):
+        raise ProtocolError(reply.get("error", "agent replied without ok"))
+    return reply
+
+
+class Throttle:
+    """Keep a byte stream under ``rate`` bytes/s (0: no limit); shared across threads."""
+
+    def __init__(self, rate: float, stop: threading.Event | None = None) -> None:
+        self.rate, self.lock, self.next_t = rate, threading.Lock(), 0.0
+        self.stop = stop or threading.Event()
+
+    def __call__(self, nbytes: int) -> None:
+        if self.rate <= 0:
+            return
+        with self.lock:
+            now = time.monotonic()
+            self.next_t = max(self.next_t, now) + nbytes / self.rate
+            delay = self.next_t - now
+        if delay > 0:
+            self.stop.wait(delay)
+
+
+# -- the store ----------------------------------------------------------------------------------
+
+@dataclass(eq=False)
+class Shard:
+    """One rank's state at one step, as held by this agent (own or a peer's replica)."""
+
+    rank: int
+    step: int
+    origin: int
+    header: dict[str, Any]
+    path: Path
+    fd: int = -1
+    received: int = 0
+    done: bool = False
+    failed: bool = False
+    cond: threading.Condition = field(default_factory=threading.Condition)
+
+    @property
+    def nbytes(self) -> int:
+        return self.header["nbytes"]
+
+    def progress(self, received: int | None = None, failed: bool = False) -> None:
+        with self.cond:
+            if received is not None:
+                self.received = received
+            self.failed = self.failed or failed
+            self.cond.notify_all()
+
+    def wait_for(self, end: int, timeout: float) -> bool:
+        with self.cond:
+            self.cond.wait_for(lambda: self.received >= end or self.failed, timeout)
+            return self.received >= end and not self.failed
+
+
+class Agent:
+    def __init__(self, cfg: AgentConfig, listener: socket.socket) -> None:
+        self.cfg, self.listener = cfg, listener
+        self.placement = Placement(cfg.nodes, cfg.m)
+        self.lock = threading.Lock()
+        self.shards: dict[tuple[int, int], Shard] = {}   # complete, verified
+        self.receiving: set[Shard] = set()
+        self.local_done: dict[int, set[int]] = {}        # step -> own ranks complete
+        self.acks: dict[int, dict[int, set[int]]] = {}   # step -> replica node -> ranks
+        self.prepared: dict[int, set[int]] = {}          # step -> nodes prepared
+        self.sent_prepared: set[int] = set()
+        self.committed: list[int] = []                   # ascending
+        self.stopping = threading.Event()
+        self.throttle = Throttle(cfg.forward_bytes_per_s, self.stopping)
+        self.seq = 0
+        self.links = {p: PeerLink(self, p) for p in range(cfg.nodes) if p != cfg.node}
+        shutil.rmtree(cfg.dir, ignore_errors=True)  # a previous incarnation's leftovers
+        cfg.dir.mkdir(parents=True)
+
+    def log(self, text: str) -> None:
+        print(f"[ckpt-agent {self.cfg.node}] {text}", file=sys.stderr, flush=True)
+
+    # -- serving ---------------------------------------------------------------------------
+    def serve(self) -> None:
+        for link in self.links.values():
+            link.start()
+        self.listener.settimeout(0.2)
+        while not self.stopping.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                break
+            threading.Thread(target=self._conn, args=(conn,), daemon=True).start()
+        self.close()
+
+    def close(self) -> None:
+        self.stopping.set()
+        self.listener.close()
+        for link in self.links.values():
+            link.join(timeout=2)
+        # File descriptors stay open (threads may still use them); the process exits next.
+        shutil.rmtree(self.cfg.dir, ignore_errors=True)
+
+    def _conn(self, conn: socket.socket) -> None:
+        conn.settimeout(self.cfg.timeout_s)
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        with conn:
+            try:
+                while not self.stopping.is_set():
+                    try:
+                        msg = recv_msg(conn)
+                    except ProtocolError:
+                        return  # the client closed between requests
+                    if msg.get("job", self.cfg.job) != self.cfg.job:
+                        send_msg(conn, {"ok": False, "error": f"agent serves job "
+                                        f"{self.cfg.job!r}, not {msg.get('job')!r}"})
+                        continue
+                    op = msg.get("op")
+                    handler = getattr(self, f"_op_{op}", None)
+                    if handler is None:
+                        send_msg(conn, {"ok": False, "error": f"unknown op {op!r}"})
+                        continue
+                    if handler(conn, msg) is False:
+                        return
+            except (OSError, ProtocolError, ValueError, KeyError, TypeError) as e:
+                if not self.stopping.is_set():
+                    self.log(f"connection dropped: {type(e).__name__}: {e}")
+
+    def _op_ping(self, conn: socket.socket, msg: dict[str, Any]) -> None:
+        send_msg(conn, {"ok": True, "node": self.cfg.node, "nodes": self.cfg.nodes,
+                        "job": self.cfg.job, "pid": os.getpid(), "dir": str(self.cfg.dir)})
+
+    def _op_latest(self, conn: socket.socket, msg: dict[str, Any]) -> None:
+        with self.lock:
+            committed = sorted(self.committed, reverse=True)
+        send_msg(conn, {"ok": True, "committed": committed})
+
+    def _op_status(self, conn: socket.socket, msg: dict[str, Any]) -> None:
+        with self.lock:  # snapshot under the lock, reply outside it
+            reply = {
+                "ok": True, "committed": sorted(self.committed, reverse=True),
+                "shards": sorted([s.rank, s.step, s.origin] for s in self.shards.values()),
+                "receiving": sorted([s.rank, s.step, s.origin, s.received, s.nbytes]
+                                    for s in self.receiving),
+                "prepared": {str(k): sorted(v) for k, v in self.prepared.items()},
+                "bytes": sum(s.nbytes for s in self.shards.values())}
+        send_msg(conn, reply)
+
+    def _op_prepared(self, conn: socket.socket, msg: dict[str, Any]) -> None:
+        with self.lock:
+            self._on_prepared(int(msg["node"]), int(msg["step"]))
+        send_msg(conn, {"ok": True})
+
+    def _op_reset(self, conn: socket.socket, msg: dict[str, Any]) -> None:
+        """Forget every version (used after falling back to an older persistent checkpoint,
+        so steps from the abandoned timeline can never be restored)."""
+        with self.lock:
+            for sh in self.shards.values():
+                self._drop(sh)
+            self.shards.clear()
+            for book in (self.local_done, self.acks, self.prepared, self.sent_prepared):
+                book.clear()
+            self.committed = []
+        send_msg(conn, {"ok": True})
+
+    def _op_get(self, conn: socket.socket, msg: dict[str, Any]) -> None:
+        rank, step = int(msg["rank"]), int(msg["step"])
+        with self.lock:
+            sh = self.shards.get((rank, step))
+            fd = os.dup(sh.fd) if sh is not None else -1
+        if sh is None:
+            send_msg(conn, {"ok": False, "error": f"no shard for rank {rank} step {step}"})
+            return
+        try:
+            # Read and check the whole shard before answering, so a damaged copy is refused
+            # with a clear error instead of being cut off mid-stream.
+            data = bytearray(sh.nbytes)
+            view, chunk = memoryview(data), sh.header["chunk"]
+            for i, off in enumerate(range(0, sh.nbytes, chunk)):
+                n = os.preadv(fd, [view[off:off + chunk]], off)
+                if n != min(chunk, sh.nbytes - off):
+                    raise serialize.CorruptCheckpoint("stored shard is truncated")
+                serialize.verify_chunk(sh.header, i, view[off:off + n])
+        except serialize.CorruptCheckpoint as e:
+            self.log(f"rank {rank} step {step}: stored copy is damaged ({e}); dropping it")
+            with self.lock:
+                if self.shards.get((rank, step)) is sh:
+                    self._drop(self.shards.pop((rank, step)))
+            send_msg(conn, {"ok": False, "error": f"rank {rank} step {step}: {e}"})
+            return
+        finally:
+            os.close(fd)
+        send_msg(conn, {"ok": True, "header": sh.header, "origin": sh.origin})
+        conn.sendall(view)
+
+    def _op_put(self, conn: socket.socket, msg: dict[str, Any]) -> bool:
+        rank, step = int(msg["rank"]), int(msg["step"])
+        origin = int(msg.get("origin", self.cfg.node))
+        header = msg["header"]
+        try:
+            serialize.check_header(header)
+        except serialize.CorruptCheckpoint as e:
+            # The payload size is untrusted, so the stream cannot be resynchronised: hang up.
+            send_msg(conn, {"ok": False, "error": f"rank {rank} step {step}: {e}"})
+            return False
+        with self.lock:
+            self.seq += 1
+            tag = "own" if origin == self.cfg.node else f"from{origin}"
+            path = self.cfg.dir / f"{tag}-r{rank}-s{step}"
+            part = path.with_name(f"{path.name}.{self.seq}.part")
+            sh = Shard(rank, step, origin, header, path)
+            sh.fd = os.open(part, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            self.receiving.add(sh)
+            if origin == self.cfg.node:  # relay to the replica holders as chunks arrive
+                for p in self.placement.replicas_of(self.cfg.node):
+                    self.links[p].submit(("replicate", sh))
+        try:
+            self._receive(conn, sh)
+        except (OSError, ProtocolError, serialize.CorruptCheckpoint) as e:
+            sh.progress(failed=True)
+            with self.lock:
+                self.receiving.discard(sh)
+                self._drop(sh, part)
+            self.log(f"discarded rank {rank} step {step} from node {origin}: "
+                     f"{type(e).__name__}: {e}")
+            if not isinstance(e, serialize.CorruptCheckpoint):
+                return False  # torn: the sender is gone or stalled
+            send_msg(conn, {"ok": False, "error": f"rank {rank} step {step}: {e}"})
+            return True
+        with self.lock:
+            self.receiving.discard(sh)
+            old = self.shards.pop((rank, step), None)
+            if old is not None:  # a restarted worker re-saving a step: the new copy wins
+                os.close(old.fd)
+                old.fd = -1
+            os.rename(part, path)
+            sh.done = True
+            self.shards[(rank, step)] = sh
+            if origin == self.cfg.node:
+                self.local_done.setdefault(step, set()).add(rank)
+                self._maybe_prepare(step)
+            self._gc()
+        send_msg(conn, {"ok": True})
+        return True
+
+    def _receive(self, conn: socket.socket, sh: Shard) -> None:
+        """Stream the payload into the shard's file, checking each chunk's CRC. After a bad
+        chunk the rest is read and discarded, so the sender still gets a clear reply."""
+        chunk, nbytes = sh.header["chunk"], sh.nbytes
+        buf = memoryview(bytearray(min(chunk, nbytes)))
+        bad: serialize.CorruptCheckpoint | None = None
+        for i, off in enumerate(range(0, nbytes, chunk)):
+            n = min(chunk, nbytes - off)
+            recv_exact(conn, buf[:n])
+            if bad is not None:
+                continue
+            try:
+                serialize.verify_chunk(sh.header, i, buf[:n])
+            except serialize.CorruptCheckpoint as e:
+                bad = e
+                sh.progress(failed=True)  # relays stop now
+                continue
+            if os.pwrite(sh.fd, buf[:n], off) != n:
+                raise OSError(f"short write to {sh.path} (tmpfs full?)")
+            sh.progress(off + n)
+        if bad is not None:
+            raise bad
+        if self.stopping.is_set():
+            raise ProtocolError("agent is shutting down")
+
+    # -- commit bookkeeping (all under self.lock) ---------------------------------------------
+    def _maybe_prepare(self, step: int) -> None:
+        ranks = self.local_done.get(step, set())
+        if step in self.sent_prepared or len(ranks) < self.cfg.local_world:
+            return
+        acks = self.acks.get(step, {})
+        if any(not ranks <= acks.get(p, set())
+               for p in self.placement.replicas_of(self.cfg.node)):
+            return
+        self.sent_prepared.add(step)
+        for link in self.links.values():
+            link.submit(("prepared", step))
+        self._on_prepared(self.cfg.node, step)
+
+    def _on_ack(self, peer: int, rank: int, step: int) -> None:
+        self.acks.setdefault(step, {}).setdefault(peer, set()).add(rank)
+        self._maybe_prepare(step)
+
+    def _on_prepared(self, node: int, step: int) -> None:
+        nodes = self.prepared.setdefault(step, set())
+        nodes.add(node)
+        newest = self.committed[-1] if self.committed else -1
+        if len(nodes) == self.cfg.nodes and step > newest:
+            self.committed = (self.committed + [step])[-self.cfg.keep_committed:]
+            self._gc()
+
+    def _gc(self) -> None:
+        newest = self.committed[-1] if self.committed else -1
+        floor = self.committed[0] if self.committed else -1
+        inflight = sorted({s.step for s in self.shards.values() if s.step > newest})
+        keep = set(self.committed) | set(inflight[-self.cfg.max_inflight:])
+        for key, sh in list(self.shards.items()):
+            if sh.step not in keep:
+                self._drop(self.shards.pop(key))
+        for book in (self.local_done, self.acks, self.prepared):
+            for step in [s for s in book if s < floor]:
+                del book[step]
+        self.sent_prepared = {s for s in self.sent_prepared if s >= floor}
+
+    def _drop(self, sh: Shard, path: Path | None = None) -> None:
+        if sh.fd >= 0:
+            os.close(sh.fd)
+            sh.fd = -1
+        try:
+            os.unlink(path or sh.path)
+        except FileNotFoundError:
+            pass
+
+
+class PeerLink(threading.Thread):
+    """Sends this agent's replicas and "prepared" notices to one peer, in order."""
+
+    def __init__(self, agent: Agent, peer: int) -> None:
+        super().__init__(daemon=True, name=f"peer-{peer}")
+        self.agent, self.peer = agent, peer
+        self.addr = agent.cfg.peers[peer]
+        self.cv = threading.Condition()
+        self.tasks: list[tuple[str, Any]] = []
+        self.down_since: float | None = None
+        self.last_fail = 0.0
+
+    def submit(self, task: tuple[str, Any]) -> None:
+        with self.cv:
+            self.tasks.append(task)
+            self.cv.notify()
+
+    def run(self) -> None:
+        a = self.agent
+        while not a.stopping.is_set():
+            with self.cv:
+                self.cv.wait_for(lambda: self.tasks, timeout=0.2)
+                if not self.tasks:
+                    continue
+                kind, arg = self.tasks.pop(0)
+            if self.down_since is not None and time.monotonic() - self.last_fail < 1.0:
+                continue  # peer down: drop work for a second instead of queueing timeouts
+            try:
+                if kind == "replicate":
+                    self._replicate(arg)
+                else:
+                    request(self.addr, {"op": "prepared", "job": a.cfg.job,
+                                        "node": a.cfg.node, "step": arg}, a.cfg.timeout_s)
+                if self.down_since is not None:
+                    a.log(f"peer {self.peer} is back")
+                    self.down_since = None
+            except (OSError, ProtocolError) as e:
+                if self.down_since is None:
+                    a.log(f"peer {self.peer} at {self.addr}: {type(e).__name__}: {e}")
+                    self.down_since = time.monotonic()
+                self.last_fail = time.monotonic()
+
+    def _replicate(self, sh: Shard) -> None:
+        a = self.agent
+        with a.lock:
+            if sh.failed or sh.fd < 0:
+                return
+            fd = os.dup(sh.fd)
+        # socket.sendfile (not os.sendfile): it honours the socket's timeout.
+        with open(fd, "rb", buffering=0) as f, connect(self.addr, a.cfg.timeout_s) as s:
+            send_msg(s, {"op": "put", "job": a.cfg.job, "rank": sh.rank, "step": sh.step,
+                         "origin": a.cfg.node, "header": sh.header})
+            chunk = sh.header["chunk"]
+            for off in range(0, sh.nbytes, chunk):
+                n = min(chunk, sh.nbytes - off)
+                if not sh.wait_for(off + n, a.cfg.timeout_s):
+                    return  # the source broke off: hanging up discards the peer's copy
+                a.throttle(n)
+                if a.stopping.is_set():
+                    return
+                s.sendfile(f, off, n)
+            reply = recv_msg(s)
+        if not reply.get("ok"):
+            raise ProtocolError(reply.get("error", "replica refused"))
+        with a.lock:
+            a._on_ack(self.peer, sh.rank, sh.step)
+
+
+# -- process entry point and launch helpers ---------------------------------------------------
+
+def run_agent(cfg: AgentConfig, listen_fd: int | None = None) -> None:
+    """Run an agent in this process until SIGTERM/SIGINT (or its parent exits)."""
+    if listen_fd is not None:
+        listener = socket.socket(fileno=listen_fd)
+    else:
+        listener = socket.create_server(parse_addr(cfg.peers[cfg.node]))
+    agent = Agent(cfg, listener)
+    parent = os.getppid()
+
+    def stop(*_: Any) -> None:
+        agent.stopping.set()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    if cfg.exit_with_parent:
+        def watch() -> None:
+            while not agent.stopping.wait(0.5):
+                if os.getppid() != parent:
+                    agent.log("parent exited; shutting down")
+                    agent.stopping.set()
+        threading.Thread(target=watch, daemon=True).start()
+    agent.serve()
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[AgentConfig, int | None]:
+    p = argparse.ArgumentParser(prog="python -m zentrain.ckpt.agent",
+                                description="Per-node in-memory checkpoint agent.")
+    p.add_argument("--node", type=int, required=True)
+    p.add_argument("--nodes", type=int, required=True)
+    p.add_argument("--peers", required=True, help="HOST:PORT of every node's agent, by node")
+    p.add_argument("--local-world", type=int, default=1)
+    p.add_argument("--m", type=int, default=2)
+    p.add_argument("--job", default="job")
+    p.add_argument("--shm-root", default="/dev/shm")
+    p.add_argument("--keep-committed", type=int, default=1)
+    p.add_argument("--max-inflight", type=int, default=2)
+    p.add_argument("--forward-bytes-per-s", type=float, default=0.0)
+    p.add_argument("--timeout-s", type=float, default=30.0)
+    p.add_argument("--listen-fd", type=int, default=None,
+                   help="an inherited listening socket (instead of binding peers[node])")
+    p.add_argument("--no-exit-with-parent", action="store_true")
+    a = p.parse_args(argv)
+    cfg = AgentConfig(node=a.node, nodes=a.nodes, peers=a.peers.split(","),
+                      local_world=a.local_world, m=a.m, job=a.job, shm_root=a.shm_root,
+                      keep_committed=a.keep_committed, max_inflight=a.max_inflight,
+                      forward_bytes_per_s=a.forward_bytes_per_s, timeout_s=a.timeout_s,
+                      exit_with_parent=not a.no_exit_with_parent)
+    return cfg, a.listen_fd
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg, fd = parse_args(argv)
+        run_agent(cfg, fd)
+    except (ValueError, OSError) as e:
+        print(f"zentrain ckpt-agent: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+# ``zentrain/__init__`` imports torch (3+ s of CPU and ~300 MB per process); the agent
+# handles only bytes, so launchers start it through this stub that registers the package
+# without running its __init__.
+_BOOT = ("import sys, types; p = types.ModuleType('zentrain'); p.__path__ = [sys.argv.pop(1)]; "
+         "sys.modules['zentrain'] = p; from zentrain.ckpt.agent import main; sys.exit(main())")
+
+
+@dataclass
+class AgentHandle:
+    """A running agent process, as returned by ``start_agent``."""
+
+    cfg: AgentConfig
+    proc: subprocess.Popen[bytes]
+
+    @property
+    def addr(self) -> str:
+        return self.cfg.peers[self.cfg.node]
+
+    def wait_ready(self, timeout: float = 30.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return request(self.addr, {"op": "ping"}, timeout=min(5.0, timeout))
+            except (OSError, ProtocolError) as e:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"checkpoint agent {self.cfg.node} did not start "
+                                       f"(exit code {self.proc.poll()}): {e}") from None
+                time.sleep(0.05)
+
+    def status(self, timeout: float = 10.0) -> dict[str, Any]:
+        return request(self.addr, {"op": "status", "job": self.cfg.job}, timeout)
+
+    def stop(self, timeout: float = 10.0) -> int:
+        """SIGTERM, wait, SIGKILL if needed; returns the exit code; removes the directory."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        shutil.rmtree(self.cfg.dir, ignore_errors=True)
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        """SIGKILL (a lost node); its tmpfs directory is removed like the node's RAM would be."""
+        self.proc.kill()
+        self.proc.wait()
+        shutil.rmtree(self.cfg.dir, ignore_errors=True)
+
+
+def start_agent(cfg: AgentConfig, listener: socket.socket | None = None) -> AgentHandle:
+    """Start an agent process. With ``listener`` (a bound, listening socket) the child
+    inherits it, so no port is ever released and re-bound (no free-port race)."""
+    pkg = str(Path(__file__).resolve().parents[1])
+    args = [sys.executable, "-c", _BOOT, pkg, "--node", str(cfg.node), "--nodes",
+            str(cfg.nodes), "--peers", ",".join(cfg.peers), "--local-world",
+            str(cfg.local_world), "--m", str(cfg.m), "--job", cfg.job, "--shm-root",
+            cfg.shm_root, "--keep-committed", str(cfg.keep_committed), "--max-inflight",
+            str(cfg.max_inflight), "--forward-bytes-per-s", str(cfg.forward_bytes_per_s),
+            "--timeout-s", str(cfg.timeout_s)]
+    if not cfg.exit_with_parent:
+        args.append("--no-exit-with-parent")
+    fds: tuple[int, ...] = ()
+    if listener is not None:
+        fds = (listener.fileno(),)
+        args += ["--listen-fd", str(listener.fileno())]
+    proc = subprocess.Popen(args, pass_fds=fds, stdin=subprocess.DEVNULL)
+    return AgentHandle(cfg, proc)
+
+
+def start_local_agents(nodes: int, local_world: int = 1, m: int = 2, job: str = "job",
+                       host: str = "127.0.0.1", **kw: Any) -> list[AgentHandle]:
+    """N agents on this host (one per emulated node) on ports chosen by the kernel."""
+    listeners = [socket.create_server((host, 0)) for _ in range(nodes)]
+    peers = [f"{host}:{s.getsockname()[1]}" for s in listeners]
+    handles: list[AgentHandle] = []
+    try:
+        for i, ls in enumerate(listeners):
+            cfg = AgentConfig(node=i, nodes=nodes, peers=peers, local_world=local_world, m=m,
+                              job=job, **kw)
+            handles.append(start_agent(cfg, ls))
+        for h in handles:
+            h.wait_ready()
+    except BaseException:
+        for h in handles:
+            h.stop()
+        raise
+    finally:
+        for ls in listeners:
+            ls.close()
+    return handles
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,320 @@
+"""Worker side of in-memory checkpointing: snapshot in the step, ship in the background.
+
+``save_async(step, state)`` does the one thing that must happen in the training thread —
+copy every tensor into a reused staging buffer (pinned, asynchronous copies on a GPU), so
+training may change them again — and hands the bytes to a background thread, which
+computes per-chunk CRCs and streams the chunks to this node's agent (CheckFreq's
+snapshot/persist split; GEMINI §5 for chunking). The background thread waits between
+chunks while the training thread is inside ``paused()`` (wrap the gradient-sync window
+in it) and keeps under ``send_bytes_per_s``. At most one save is in flight: a second
+``save_async`` first waits for the previous one, and that wait is reported as
+``blocked_s``.
+
+``load_latest()`` returns the newest step committed on every rank, trying this node's
+agent, then the replica holders (GEMINI placement), then any other agent; every copy is
+checked against its CRCs and decoded without pickle. ``None`` means "use the persistent
+checkpoint".
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from zentrain.ckpt import serialize
+from zentrain.ckpt.agent import (
+    ProtocolError,
+    Throttle,
+    connect,
+    recv_exact,
+    recv_msg,
+    request,
+    send_msg,
+)
+from zentrain.ckpt.placement import Placement
+
+
+@dataclass
+class MemoryConfig:
+    """How a worker reaches the checkpoint agents."""
+
+    job: str
+    """Job id; must match the agents'."""
+    agents: list[str]
+    """``host:port`` of every node's agent, indexed by node."""
+    node: int
+    """This worker's node (its agent is ``agents[node]``)."""
+    m: int = 2
+    """Copies per checkpoint, as the agents were started with (orders recovery sources)."""
+    chunk_bytes: int = serialize.DEFAULT_CHUNK
+    """Unit of CRCs, pausing and throttling."""
+    send_bytes_per_s: float = 0.0
+    """Throttle for the worker→agent stream (0: unthrottled); read at every chunk."""
+    timeout_s: float = 30.0
+    """Timeout of every socket operation."""
+
+
+@dataclass
+class SaveStats:
+    """What one ``save_async`` cost. Training-thread time is blocked_s + snapshot_s."""
+
+    step: int
+    nbytes: int
+    blocked_s: float
+    """Training thread waited for the previous save to finish."""
+    snapshot_s: float
+    """Training thread flattened the state and copied it into the staging buffer."""
+    background_s: float = 0.0
+    """Background thread: CRCs and transfer, pauses included."""
+    paused_s: float = 0.0
+    ok: bool = False
+    error: str | None = None
+
+    @property
+    def bytes_per_s(self) -> float:
+        busy = self.background_s - self.paused_s
+        return self.nbytes / busy if busy > 0 else 0.0
+
+
+class MemoryCheckpointer:
+    """One per worker process. See the module docstring for where to call what."""
+
+    def __init__(self, cfg: MemoryConfig, rank: int, world: int) -> None:
+        if not 0 <= rank < world or not 0 <= cfg.node < len(cfg.agents):
+            raise ValueError(f"memory checkpointer: need 0 <= rank < world and 0 <= node < "
+                             f"{len(cfg.agents)} agents; got rank={rank}, world={world}, "
+                             f"node={cfg.node}")
+        self.cfg, self.rank, self.world = cfg, rank, world
+        self.placement = Placement(len(cfg.agents), cfg.m)
+        self.history: collections.deque[SaveStats] = collections.deque(maxlen=1000)
+        self.last_load_source: int | None = None
+        self._buf: torch.Tensor | None = None
+        self._sig: tuple[Any, ...] | None = None
+        self._cv = threading.Condition()
+        self._job: tuple[serialize.Flat, Any, SaveStats] | None = None
+        self._busy = False
+        self._closed = False
+        self._failing = False
+        self._clear = threading.Event()
+        self._clear.set()
+        self._thread = threading.Thread(target=self._loop, daemon=True,
+                                        name=f"memckpt-{rank}")
+        self._thread.start()
+
+    # -- saving ------------------------------------------------------------------------------
+    def save_async(self, step: int, state: Any) -> SaveStats:
+        """Snapshot ``state`` for ``step`` and send it in the background.
+
+        Call it after the optimizer step, before the next forward: the transfer then
+        overlaps forward/backward. Returns the (still filling) stats of this save.
+        """
+        t0 = time.perf_counter()
+        self.wait()
+        t1 = time.perf_counter()
+        flat = serialize.flatten(state)
+        cuda = any(t.is_cuda for t in flat.tensors)
+        if flat.signature != self._sig or self._buf is None:
+            self._buf = None  # free the old buffer first
+            self._buf = serialize.new_buffer(flat.nbytes, pin=cuda)
+            self._sig = flat.signature
+        serialize.pack_into(flat, self._buf, non_blocking=cuda)
+        event = None
+        if cuda:  # later kernels on this stream run after the copies: no sync needed here
+            event = torch.cuda.Event()
+            event.record()
+        st = SaveStats(step, flat.nbytes, blocked_s=t1 - t0,
+                       snapshot_s=time.perf_counter() - t1)
+        light = serialize.Flat(flat.tree, [], flat.specs, flat.nbytes)  # no live tensors
+        with self._cv:
+            self._job, self._busy = (light, event, st), True
+            self._cv.notify_all()
+        return st
+
+    def wait(self, timeout: float | None = None) -> SaveStats | None:
+        """Wait for the save in flight; returns the stats of the newest finished save."""
+        with self._cv:
+            if not self._cv.wait_for(lambda: not self._busy, timeout):
+                raise TimeoutError(f"in-memory checkpoint of rank {self.rank} still sending "
+                                   f"after {timeout}s")
+            return self.history[-1] if self.history else None
+
+    def suggested_interval(self, step_time_s: float, recent: int = 5) -> int:
+        """Steps between saves so a transfer fits in one interval (GEMINI §5: when the idle
+        time cannot hold a checkpoint, checkpoint less often). Every rank must use the same
+        value (all-reduce MAX), or the ranks save different steps and none ever commits."""
+        done = [st.background_s - st.paused_s for st in list(self.history)[-recent:] if st.ok]
+        if not done or step_time_s <= 0:
+            return 1
+        return max(1, math.ceil(sorted(done)[len(done) // 2] / step_time_s))
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Hold checkpoint traffic while the block runs (e.g. backward + gradient sync)."""
+        self._clear.clear()
+        try:
+            yield
+        finally:
+            self._clear.set()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                self._cv.wait_for(lambda: self._job is not None or self._closed)
+                if self._job is None:
+                    return
+                (flat, event, st), self._job = self._job, None
+            t0 = time.perf_counter()
+            try:
+                if event is not None:
+                    event.synchronize()
+                self._send(flat, st)
+                st.ok = True
+            except (OSError, ProtocolError, TimeoutError) as e:
+                st.error = f"{type(e).__name__}: {e}"
+            st.background_s = time.perf_counter() - t0
+            self._report(st)
+            with self._cv:
+                self.history.append(st)
+                self._busy = False
+                self._cv.notify_all()
+
+    def _send(self, flat: serialize.Flat, st: SaveStats) -> None:
+        assert self._buf is not None
+        cfg, chunk = self.cfg, self.cfg.chunk_bytes
+        data = memoryview(self._buf.numpy()) if flat.nbytes else memoryview(b"")
+        header = serialize.make_header(flat, serialize.chunk_crcs(data, chunk), chunk)
+        throttle = Throttle(cfg.send_bytes_per_s)
+        with connect(cfg.agents[cfg.node], cfg.timeout_s) as s:
+            send_msg(s, {"op": "put", "job": cfg.job, "rank": self.rank, "step": st.step,
+                         "header": header})
+            for off in range(0, flat.nbytes, chunk):
+                if not self._clear.is_set():
+                    tp = time.perf_counter()
+                    self._clear.wait(cfg.timeout_s)
+                    st.paused_s += time.perf_counter() - tp
+                s.sendall(data[off:off + chunk])
+                throttle.rate = cfg.send_bytes_per_s
+                throttle(min(chunk, flat.nbytes - off))
+            reply = recv_msg(s)
+        if not reply.get("ok"):
+            raise ProtocolError(reply.get("error", "agent refused the checkpoint"))
+
+    def _report(self, st: SaveStats) -> None:
+        # One line when saving starts failing and one when it works again, not one per step.
+        if st.ok == self._failing:
+            self._failing = not st.ok
+            what = (f"failing from step {st.step}: {st.error}" if not st.ok
+                    else f"working again at step {st.step}")
+            print(f"[zentrain ckpt rank {self.rank}] in-memory checkpoint {what}",
+                  file=sys.stderr, flush=True)
+
+    # -- loading -----------------------------------------------------------------------------
+    def _order(self) -> list[int]:
+        """This node's agent, then the replica holders, then everyone else."""
+        first = self.placement.holders_of(self.cfg.node)
+        return first + [n for n in range(len(self.cfg.agents)) if n not in first]
+
+    def committed_steps(self) -> list[int]:
+        """Steps some reachable agent knows to be committed on all ranks, newest first."""
+        steps: set[int] = set()
+        for node in self._order():
+            try:
+                steps.update(request(self.cfg.agents[node], {"op": "latest", "job": self.cfg.job},
+                                     min(self.cfg.timeout_s, 5.0))["committed"])
+            except (OSError, ProtocolError):
+                continue
+        return sorted(steps, reverse=True)
+
+    def fetch(self, step: int) -> Any | None:
+        """This rank's verified state at ``step`` from the first agent that has a good copy."""
+        for node in self._order():
+            try:
+                state = self._get(self.cfg.agents[node], step)
+            except (OSError, ProtocolError, ValueError):  # CorruptCheckpoint is a ValueError
+                continue
+            self.last_load_source = node
+            return state
+        return None
+
+    def _get(self, addr: str, step: int) -> Any:
+        with connect(addr, self.cfg.timeout_s) as s:
+            send_msg(s, {"op": "get", "job": self.cfg.job, "rank": self.rank, "step": step})
+            reply = recv_msg(s)
+            if not reply.get("ok"):
+                raise ProtocolError(reply.get("error", "no such checkpoint"))
+            h = reply["header"]
+            serialize.check_header(h)
+            buf = torch.empty(h["nbytes"], dtype=torch.uint8)
+            recv_exact(s, memoryview(buf.numpy()))
+        serialize.verify(h, buf.numpy())
+        return serialize.unflatten(h, buf)
+
+    def load_latest(self, collective: bool | None = None,
+                    group: dist.ProcessGroup | None = None) -> tuple[int, Any] | None:
+        """The newest ``(step, state)`` committed on every rank, or None.
+
+        With ``collective`` (default: when a process group of more than one rank is up)
+        every rank must call it: ranks agree on one step (the newest any agent knows to be
+        committed), and if any rank cannot fetch it they agree on the next older one, so
+        all return the same step — or all return None and fall back together.
+        """
+        if collective is None:
+            collective = dist.is_initialized() and dist.get_world_size(group) > 1
+        cands = self.committed_steps()
+        if not collective:
+            for step in cands:
+                state = self.fetch(step)
+                if state is not None:
+                    return step, state
+            return None
+        below = None
+        while True:
+            mine = max((s for s in cands if below is None or s < below), default=-1)
+            step = int(self._all_reduce(mine, dist.ReduceOp.MAX, group))
+            if step < 0:
+                return None
+            state = self.fetch(step)
+            if self._all_reduce(int(state is not None), dist.ReduceOp.MIN, group):
+                return step, state
+            below = step
+
+    @staticmethod
+    def _all_reduce(value: int, op: Any, group: dist.ProcessGroup | None) -> int:
+        dev = "cuda" if dist.get_backend(group) == "nccl" else "cpu"
+        t = torch.tensor([value], dtype=torch.int64, device=dev)
+        dist.all_reduce(t, op=op, group=group)
+        return int(t.item())
+
+    def reset_agents(self) -> None:
+        """Make every reachable agent forget this job's versions (after falling back to an
+        older persistent checkpoint, so the abandoned timeline can't be restored later)."""
+        for addr in self.cfg.agents:
+            try:
+                request(addr, {"op": "reset", "job": self.cfg.job}, min(self.cfg.timeout_s, 5.0))
+            except (OSError, ProtocolError):
+                continue
+
+    # -- lifetime ----------------------------------------------------------------------------
+    def close(self) -> None:
+        with self._cv:
+            self._cv.wait_for(lambda: not self._busy, self.cfg.timeout_s * 2)
+            self._closed = True
+            self._cv.notify_all()
+        self._thread.join(timeout=5)
+        self._buf = None
+
+    def __enter__(self) -> MemoryCheckpointer:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
