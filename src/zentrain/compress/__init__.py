@@ -1,0 +1,177 @@
+"""Lossy gradient compression for dense parameters: options, registry and selection policy.
+
+``CompressConfig`` holds every option (one docstring per field); ``build_compressor`` makes
+the ``Compressor`` for ``method``; ``select_params`` is the policy that decides which
+parameters are compressed. ``zentrain.sync.compressed.CompressedSync`` puts them together
+around any non-DDP ``GradSync``.
+
+Methods (paper notes in ``shared/papers/zen.md`` §2.4-2.8):
+
+- ``topk`` / ``randomk``: keep a fraction ``ratio`` of the entries, error feedback keeps the
+  rest for later (DGC momentum correction optional); the kept entries are a sparse tensor
+  summed by a ``SparseReducer`` (``zen`` by default), so compression and ZEN compose.
+- ``powersgd``: rank-``rank`` power iteration with warm start and error feedback (§2.5).
+- ``qsgd``: ``bits``-bit stochastic quantization, unbiased (§2.6); ``sign``: 1 bit per entry
+  with a per-bucket scale and error feedback (EF-signSGD, the core of 1-bit Adam, §2.7).
+  Both travel as real bit-packed bytes.
+- ``fp16`` / ``bf16``: all-reduce in half precision.
+
+The policy leaves out what compression would hurt and not help: vectors (biases, norm
+weights), parameters of normalization layers, embedding tables (their sparse gradients go
+to the wrapped sparse scheme) and tensors smaller than ``min_numel``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from typing import Any
+
+from torch import nn
+
+from zentrain.compress.base import Compressor, Pending
+
+METHODS = ("none", "topk", "randomk", "powersgd", "qsgd", "sign", "fp16", "bf16")
+SPARSE_SCHEMES = ("zen", "agsparse", "sparcml", "omnireduce", "allreduce")
+
+
+@dataclass
+class CompressConfig:
+    """Gradient compression of dense parameters (``sync.compress`` in the config tree)."""
+
+    method: str = "none"
+    """One of none, topk, randomk, powersgd, qsgd, sign, fp16, bf16."""
+    ratio: float = 0.01
+    """topk/randomk: fraction of each tensor's entries sent per step (0 < ratio <= 1)."""
+    rank: int = 4
+    """powersgd: rank of the low-rank approximation (1-4 typical, up to 32 for NLP)."""
+    bits: int = 4
+    """qsgd: bits per entry, sign included (2..8); 2 bits is ternary."""
+    warmup_steps: int = 0
+    """Synced steps at the start sent uncompressed (fp32 all-reduce) before compressing."""
+    min_numel: int = 4096
+    """Tensors with fewer entries than this are never compressed."""
+    error_feedback: bool = True
+    """Keep what compression dropped (per parameter) and add it to the next gradient."""
+    momentum_correction: bool = False
+    """topk/randomk: DGC momentum correction and masking (use with momentum-free SGD)."""
+    momentum: float = 0.9
+    """topk/randomk with momentum_correction: the momentum factor moved into the sync."""
+    sparse_scheme: str = "zen"
+    """topk/randomk: sparse reducer that sums the kept entries (zen, agsparse, sparcml,
+    omnireduce, allreduce)."""
+    bucket_size: int = 512
+    """qsgd/sign: entries that share one fp32 scale."""
+    seed: int = 0
+    """Seed of random-k indices, QSGD rounding and PowerSGD's initial Q."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first bad field."""
+        def bad(name: str, allowed: str) -> ValueError:
+            return ValueError(f"compress.{name}={getattr(self, name)!r} is invalid "
+                              f"(allowed: {allowed})")
+        if self.method not in METHODS:
+            raise bad("method", ", ".join(METHODS))
+        if not 0.0 < self.ratio <= 1.0:
+            raise bad("ratio", "0 < ratio <= 1")
+        if self.rank < 1:
+            raise bad("rank", "an integer >= 1")
+        if not 2 <= self.bits <= 8:
+            raise bad("bits", "2..8")
+        if self.warmup_steps < 0:
+            raise bad("warmup_steps", ">= 0")
+        if self.min_numel < 1:
+            raise bad("min_numel", ">= 1")
+        if not 0.0 <= self.momentum < 1.0:
+            raise bad("momentum", "0 <= momentum < 1")
+        if self.momentum_correction and not self.error_feedback:
+            raise ValueError("compress.momentum_correction needs compress.error_feedback=true "
+                             "(DGC accumulates the corrected momentum in the residual)")
+        if self.sparse_scheme not in SPARSE_SCHEMES:
+            raise bad("sparse_scheme", ", ".join(SPARSE_SCHEMES))
+        if self.bucket_size < 1:
+            raise bad("bucket_size", ">= 1")
+
+    @classmethod
+    def coerce(cls, value: CompressConfig | str | dict[str, Any] | None) -> CompressConfig:
+        """Accept a config, a method name, or a dict of fields (``DataParallel(compress=...)``)."""
+        if value is None:
+            return cls()
+        if isinstance(value, CompressConfig):
+            value.validate()
+            return value
+        if isinstance(value, str):
+            return cls(method=value)
+        if isinstance(value, dict):
+            names = {f.name for f in fields(cls)}
+            unknown = sorted(set(value) - names)
+            if unknown:
+                raise ValueError(f"unknown compress option(s) {unknown} "
+                                 f"(allowed: {', '.join(sorted(names))})")
+            return cls(**value)
+        raise TypeError(f"compress must be a CompressConfig, str or dict, not {type(value)}")
+
+
+def build_compressor(name: str | CompressConfig, **opts: Any) -> Compressor:
+    """Make the compressor for method ``name`` (``opts`` are ``CompressConfig`` fields)."""
+    cfg = name if isinstance(name, CompressConfig) else CompressConfig(method=name, **opts)
+    if cfg.method == "none":
+        raise ValueError("compress.method='none' has no compressor; use the plain scheme")
+    if cfg.method in ("topk", "randomk"):
+        from zentrain.compress.topk import RandomK, TopK
+        return (TopK if cfg.method == "topk" else RandomK)(cfg)
+    if cfg.method == "powersgd":
+        from zentrain.compress.powersgd import PowerSGD
+        return PowerSGD(cfg)
+    if cfg.method in ("qsgd", "sign"):
+        from zentrain.compress.quant import QSGD, Sign
+        return (QSGD if cfg.method == "qsgd" else Sign)(cfg)
+    from zentrain.compress.cast import Cast
+    return Cast(cfg)
+
+
+_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.LocalResponseNorm,
+          nn.modules.batchnorm._NormBase)
+
+
+def select_params(model: nn.Module, cfg: CompressConfig,
+                  accepts: Callable[[tuple[int, ...]], bool] = lambda shape: True,
+                  ) -> list[tuple[str, nn.Parameter]]:
+    """The parameters to compress, in reverse registration order (≈ backward order).
+
+    Skipped: frozen and non-float parameters, embedding tables, parameters of norm layers,
+    anything with fewer than 2 dimensions (biases, norm weights, scalars), names ending in
+    ``bias``, tensors under ``cfg.min_numel`` entries, and shapes ``accepts`` refuses
+    (PowerSGD: where a low-rank factorization would not save bytes). Raises when a
+    compression method is set but nothing qualifies, so a typo'd threshold is not silent.
+    """
+    from zentrain.sync.sparse import embedding_params
+
+    skip = {id(p) for p in embedding_params(model)}
+    for m in model.modules():
+        if isinstance(m, _NORMS):
+            skip.update(id(p) for p in m.parameters(recurse=False))
+    chosen: list[tuple[str, nn.Parameter]] = []
+    candidates = 0
+    for name, p in model.named_parameters():  # de-duplicates tied parameters
+        if (not p.requires_grad or not p.is_floating_point() or id(p) in skip
+                or p.dim() < 2 or name.endswith("bias")):
+            continue
+        candidates += 1
+        if p.numel() >= cfg.min_numel and accepts(tuple(p.shape)):
+            chosen.append((name, p))
+    if not chosen and cfg.method != "none":
+        raise ValueError(
+            f"compress.method={cfg.method!r} matched no parameter: {candidates} weight "
+            f"matrices were candidates but none has >= min_numel={cfg.min_numel} entries"
+            + (f" and a worthwhile rank-{cfg.rank} factorization"
+               if cfg.method == "powersgd" else "")
+            + "; lower compress.min_numel or use method='none'")
+    return chosen[::-1]
+
+
+__all__ = ["METHODS", "CompressConfig", "Compressor", "Pending", "build_compressor",
+           "select_params"]
