@@ -1,0 +1,264 @@
+"""Compressors in one process: error feedback, bit packing, QSGD bias, PowerSGD, policy."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from zentrain.compress import CompressConfig, build_compressor, select_params
+from zentrain.compress.powersgd import PowerSGD
+from zentrain.compress.quant import QSGD, Sign, pack_bits, packed_size, unpack_bits
+from zentrain.compress.topk import RandomK, TopK
+
+
+def _cfg(method, **kw):
+    return CompressConfig(method=method, **kw)
+
+
+def _topk(method, **kw):
+    cls = TopK if method == "topk" else RandomK
+    return cls(_cfg(method, **kw))  # one rank: the ZEN reducer only merges locally
+
+
+def _grads(steps, shape=(64, 48), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=g) * (1 + s) for s in range(steps)]
+
+
+# -- bit packing --------------------------------------------------------------------------
+
+
+@settings(max_examples=60, deadline=None)
+@given(bits=st.integers(1, 8), n=st.integers(0, 300), seed=st.integers(0, 2**31))
+def test_pack_unpack_round_trips(bits, n, seed):
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 2**bits, (n,), generator=g, dtype=torch.int64).to(torch.uint8)
+    packed = pack_bits(codes, bits)
+    assert packed.dtype == torch.uint8 and packed.numel() == packed_size(n, bits)
+    assert torch.equal(unpack_bits(packed, bits, n), codes)
+
+
+def test_pack_layout_is_little_endian_stream():
+    # 3-bit codes 5, 3, 7 -> byte 0 = 5 | 3 << 3 | (7 & 3) << 6 = 221, byte 1 = 7 >> 2 = 1
+    assert pack_bits(torch.tensor([5, 3, 7], dtype=torch.uint8), 3).tolist() == [221, 1]
+    assert pack_bits(torch.tensor([1, 2, 3], dtype=torch.uint8), 4).tolist() == [0x21, 0x03]
+    assert pack_bits(torch.tensor([1, 0, 1, 1, 0, 0, 0, 0, 1], dtype=torch.uint8),
+                     1).tolist() == [0b1101, 1]
+
+
+def test_unpack_rejects_wrong_length():
+    with pytest.raises(ValueError, match="cannot hold"):
+        unpack_bits(torch.zeros(3, dtype=torch.uint8), 4, 10)
+
+
+# -- error feedback -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method,kw", [
+    ("topk", {}), ("randomk", {}), ("topk", {"momentum_correction": True}),
+])
+def test_sparsifier_error_feedback_is_exact(method, kw):
+    c = _topk(method, ratio=0.05, **kw)
+    residual = torch.zeros(64 * 48)
+    momentum = torch.zeros(64 * 48)
+    for g in _grads(4):
+        if kw:
+            momentum = momentum * 0.9 + g.reshape(-1)
+            acc = residual + momentum
+        else:
+            acc = residual + g.reshape(-1)
+        payload = c.compress("w", g)
+        sent = payload.to_dense().reshape(-1)
+        residual = c.residuals["w"]
+        assert torch.equal(sent + residual, acc)  # exact, bit for bit
+        assert payload.indices.numel() <= c.k(g.numel())
+        assert torch.all(residual[payload.indices] == 0)
+        if kw:  # momentum factor masking
+            momentum = momentum.clone()
+            momentum[payload.indices] = 0
+            assert torch.equal(c.momenta["w"], momentum)
+        c.communicate("w", payload).wait()
+        c.step += 1
+
+
+def test_topk_keeps_the_largest_entries():
+    c = _topk("topk", ratio=0.1)
+    g = torch.randn(1000, generator=torch.Generator().manual_seed(1))
+    payload = c.compress("w", g)
+    assert payload.indices.numel() == 100
+    threshold = g.abs().sort(descending=True).values[99]
+    assert torch.all(g.abs()[payload.indices] >= threshold)
+    expect = torch.zeros_like(g)
+    expect[payload.indices] = g[payload.indices]
+    assert torch.equal(c.sync("v", g), expect)  # one rank: the mean is what was sent
+
+
+def test_randomk_indices_shared_by_ranks_and_vary_by_step():
+    a, b = _topk("randomk", ratio=0.1), _topk("randomk", ratio=0.1)
+    b.rank = 1  # a different rank must draw the same indices
+    g = torch.randn(500)
+    i0 = a.compress("w", g).indices
+    assert torch.equal(i0, b.compress("w", g).indices)
+    a.step += 1
+    assert not torch.equal(i0, a.compress("w", g).indices)
+
+
+@pytest.mark.parametrize("cls,kw", [(QSGD, {"bits": 4}), (QSGD, {"bits": 2}), (Sign, {})])
+def test_quantizer_error_feedback(cls, kw):
+    method = "qsgd" if cls is QSGD else "sign"
+    c = cls(_cfg(method, bucket_size=100, **kw))
+    residual = torch.zeros(64 * 48)
+    for g in _grads(4):
+        acc = residual + g.reshape(-1)
+        payload = c.compress("w", g)
+        sent = c.decompress(payload).reshape(-1)
+        residual = c.residuals["w"]
+        # residual is acc - sent exactly; adding back is exact up to one rounding.
+        assert torch.equal(residual, acc - sent)
+        torch.testing.assert_close(sent + residual, acc, rtol=0, atol=1e-6 * acc.abs().max())
+        assert payload.packed.numel() == packed_size(g.numel(), c.bits)
+        c.step += 1
+
+
+def test_sign_sends_scaled_signs():
+    c = Sign(_cfg("sign", bucket_size=4, error_feedback=False))
+    x = torch.tensor([1.0, -3.0, 0.0, 2.0, -1.0, 5.0])  # buckets [1,-3,0,2] and [-1,5]
+    got = c.decompress(c.compress("w", x))
+    assert got.tolist() == [1.5, -1.5, 1.5, 1.5, -3.0, 3.0]
+
+
+# -- QSGD is unbiased ---------------------------------------------------------------------
+
+
+def _z_scores(rounding, trials=400, bits=3, n=2000):
+    """Standardized error of the mean of ``trials`` quantizations of a fixed vector."""
+    c = QSGD(_cfg("qsgd", bits=bits, bucket_size=n, error_feedback=False, seed=7))
+    x = torch.randn(n, generator=torch.Generator().manual_seed(3))
+    if rounding == "nearest":  # a biased quantizer the test must reject
+        c.encode = _nearest_encode(c)
+    total = torch.zeros(n, dtype=torch.float64)
+    for t in range(trials):
+        c.step = t
+        total += c.decompress(c.compress("w", x)).double()
+    mean = total / trials
+    s = c.levels
+    unit = x.abs().max().double() / s
+    frac = (x.abs().double() / unit) % 1.0  # Bernoulli p of rounding up
+    sd = unit * torch.sqrt(frac * (1 - frac) / trials)
+    ok = frac > 1e-6
+    return ((mean - x.double())[ok] / sd[ok])
+
+
+def _nearest_encode(c):
+    orig = c.encode
+
+    def enc(name, x):
+        codes, scales = orig(name, x)
+        y = x.abs() / scales[0] * c.levels
+        level = torch.round(y)
+        return (torch.where(x < 0, -level, level) + c.levels).to(torch.uint8), scales
+    return enc
+
+
+def test_qsgd_is_unbiased_in_expectation():
+    z = _z_scores("stochastic")
+    # Unbiased: z ~ N(0, 1) per entry. 2000 entries: |mean z| < 0.1 (4.5 sigma), E[z^2] = 1.
+    assert abs(z.mean().item()) < 0.1, z.mean()
+    assert 0.85 < (z * z).mean().item() < 1.15, (z * z).mean()
+    assert z.abs().max().item() < 5.5
+    # The same statistic rejects round-to-nearest, so the test has teeth.
+    zb = _z_scores("nearest")
+    assert (zb * zb).mean().item() > 10
+
+
+# -- PowerSGD -----------------------------------------------------------------------------
+
+
+def test_powersgd_reproduces_a_low_rank_gradient():
+    g = torch.Generator().manual_seed(0)
+    m = torch.randn(120, 3, generator=g) @ torch.randn(3, 80, generator=g)
+    c = PowerSGD(_cfg("powersgd", rank=3))
+    out = c.sync("w", m)
+    torch.testing.assert_close(out, m, rtol=1e-4, atol=1e-4)
+    assert c.residuals["w"].abs().max() < 1e-4 * m.abs().max()
+    low = PowerSGD(_cfg("powersgd", rank=1))  # rank too low: a real approximation error
+    assert (low.sync("w", m) - m).abs().max() > 1e-2
+
+
+def test_powersgd_error_feedback_and_warm_start():
+    c = PowerSGD(_cfg("powersgd", rank=2))
+    residual = torch.zeros(64 * 48)
+    for g in _grads(3):
+        acc = residual + g.reshape(-1)
+        out = c.sync("w", g)
+        residual = c.residuals["w"]
+        torch.testing.assert_close(out.reshape(-1) + residual, acc, rtol=0, atol=1e-5)
+        assert c.qs["w"].shape == (48, 2)
+        c.step += 1
+
+
+def test_powersgd_survives_a_zero_gradient():
+    c = PowerSGD(_cfg("powersgd", rank=2))
+    out = c.sync("w", torch.zeros(40, 30))
+    assert torch.equal(out, torch.zeros(40, 30))
+    assert torch.isfinite(c.sync("w", torch.randn(40, 30))).all()
+
+
+def test_powersgd_only_accepts_worthwhile_matrices():
+    c = PowerSGD(_cfg("powersgd", rank=4))
+    assert c.accepts((256, 256)) and c.accepts((64, 3, 3, 3))
+    assert not c.accepts((256,)) and not c.accepts((8, 8)) and not c.accepts((2, 1000))
+
+
+# -- policy and config --------------------------------------------------------------------
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(1000, 64)
+        self.fc1 = nn.Linear(64, 128)
+        self.norm = nn.LayerNorm(128)
+        self.fc2 = nn.Linear(128, 64)
+        self.small = nn.Linear(8, 8)
+        self.head = nn.Linear(64, 1000, bias=False)
+        self.head.weight = self.emb.weight  # tied to the table: not compressed
+
+
+def test_policy_skips_embeddings_norms_biases_and_small():
+    chosen = select_params(Net(), _cfg("topk", min_numel=1000))
+    assert [n for n, _ in chosen] == ["fc2.weight", "fc1.weight"]
+
+
+def test_policy_raises_when_nothing_qualifies():
+    with pytest.raises(ValueError, match="matched no parameter.*min_numel=100000"):
+        select_params(Net(), _cfg("qsgd", min_numel=100_000))
+
+
+def test_config_names_bad_fields():
+    with pytest.raises(ValueError, match=r"compress.method='zip'.*topk"):
+        CompressConfig(method="zip")
+    with pytest.raises(ValueError, match="compress.bits=9"):
+        CompressConfig(method="qsgd", bits=9)
+    with pytest.raises(ValueError, match="unknown compress option.*'ration'"):
+        CompressConfig.coerce({"method": "topk", "ration": 0.1})
+    assert CompressConfig.coerce("sign").method == "sign"
+    for m in ("topk", "randomk", "powersgd", "qsgd", "sign", "fp16", "bf16"):
+        assert build_compressor(m).name == m
+
+
+def test_state_dict_round_trip_gives_same_next_step():
+    for method in ("topk", "qsgd", "powersgd"):
+        a = build_compressor(method, min_numel=1)
+        if method == "topk":
+            a = _topk("topk")
+        gs = _grads(3)
+        a.sync("w", gs[0])
+        a.step += 1
+        b = build_compressor(method) if method != "topk" else _topk("topk")
+        b.load_state_dict(a.state_dict())
+        assert torch.equal(a.sync("w", gs[1]), b.sync("w", gs[1])), method
+        assert math.isclose(a.residuals["w"].sum().item(), b.residuals["w"].sum().item())
