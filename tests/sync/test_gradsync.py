@@ -104,6 +104,12 @@ def _train_ref(model, steps, world):
     ("dense", True, 3, 2),
     ("ddp", False, 2, 1),
     ("ddp", True, 2, 2),
+    ("zen", False, 3, 1),
+    ("zen", True, 2, 2),
+    ("agsparse", False, 2, 1),
+    ("sparcml", True, 3, 1),
+    ("omnireduce", False, 2, 2),
+    ("auto", False, 2, 1),
 ])
 def test_parity_with_single_process(scheme, sparse, world, accum):
     out = run_ranks(_parity, world, scheme, sparse, accum)
