@@ -341,3 +341,21 @@ def test_training_resumed_from_memory_is_bit_identical(cluster):
     assert losses == ref_losses[4:]
     for p, r in zip(model.parameters(), ref):
         assert torch.equal(p, r)
+
+
+def test_suggested_interval_and_config_errors():
+    from zentrain.ckpt.agent import AgentConfig
+    from zentrain.ckpt.memory import SaveStats
+
+    ck = MemoryCheckpointer(MemoryConfig("j", ["127.0.0.1:9"], node=0), 0, 1)
+    assert ck.suggested_interval(0.2) == 1  # nothing measured yet
+    for bg in (0.5, 0.9, 0.7):
+        ck.history.append(SaveStats(1, 10, 0.0, 0.01, background_s=bg + 0.1, paused_s=0.1,
+                                    ok=True))
+    ck.history.append(SaveStats(2, 10, 0.0, 0.01, background_s=9.0, ok=False))  # ignored
+    assert ck.suggested_interval(0.2) == 4  # median 0.7 s of transfer per 0.2 s step
+    ck.close()
+    with pytest.raises(ValueError, match="rank=2, world=2"):
+        MemoryCheckpointer(MemoryConfig("j", ["127.0.0.1:9"], node=0), 2, 2)
+    with pytest.raises(ValueError, match="node=2, nodes=2, 1 peers"):
+        AgentConfig(node=2, nodes=2, peers=["127.0.0.1:9"])
