@@ -7,6 +7,14 @@ checkpoints, on top of torch.distributed. The public entry point for your own lo
 
 __version__ = "0.1.0"
 
-from zentrain.api import DataParallel  # noqa: E402
-
 __all__ = ["DataParallel", "__version__"]
+
+
+def __getattr__(name: str):
+    # Lazy: helper processes (checkpoint agents, netem probes) import zentrain.* modules
+    # without paying for `import torch` (seconds and ~300 MB each).
+    if name == "DataParallel":
+        from zentrain.api import DataParallel
+
+        return DataParallel
+    raise AttributeError(f"module 'zentrain' has no attribute {name!r}")

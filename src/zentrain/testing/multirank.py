@@ -103,6 +103,8 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: floa
             if p.is_alive():
                 p.kill()
                 p.join()
+        results.close()  # release the queue's semaphores (else they linger in /dev/shm)
+        results.join_thread()
         del store
     if errors:
         raise RuntimeError("\n".join(errors))
