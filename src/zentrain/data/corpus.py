@@ -16,6 +16,7 @@ from __future__ import annotations
 import glob
 import json
 import logging
+import os
 import sysconfig
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -40,10 +41,13 @@ class Document:
 
 def stdlib_files() -> list[Path]:
     """The standard library's ``.py`` files, sorted, without installed packages."""
-    root = Path(sysconfig.get_paths()["stdlib"])
+    root = sysconfig.get_paths()["stdlib"]
     skip = {"site-packages", "dist-packages", "__pycache__"}
-    files = [p for p in root.rglob("*.py")
-             if p.is_file() and not skip.intersection(p.relative_to(root).parts)]
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        # Prune in place: site-packages can hold far more files than the stdlib itself.
+        dirnames[:] = [d for d in dirnames if d not in skip]
+        files += [Path(dirpath, f) for f in filenames if f.endswith(".py")]
     return sorted(files)
 
 

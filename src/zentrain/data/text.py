@@ -64,9 +64,9 @@ class TextData:
     """The cache directory."""
 
 
-def text_cache_dir(cfg: Config) -> Path:
+def text_cache_dir(cfg: Config, files: list[Path] | None = None) -> Path:
     """The cache directory of this config's corpus + vocabulary + ``max_bytes``."""
-    files = corpus_files(cfg.data)
+    files = corpus_files(cfg.data) if files is None else files
     key = cache_key(files, cfg.model.vocab_size, cfg.data.max_bytes)
     return Path(cfg.data.cache_dir).expanduser() / f"gpt-{key}"
 
@@ -79,7 +79,7 @@ def prepare_text_data(cfg: Config, is_builder: bool) -> TextData:
     clearly if the cache is absent).
     """
     files = corpus_files(cfg.data)
-    cache = text_cache_dir(cfg)
+    cache = text_cache_dir(cfg, files)
     if is_builder:
         with build_lock(cache):
             if not (cache / META_FILE).is_file():
