@@ -1,4 +1,5 @@
 import random
+import re
 
 import numpy as np
 import pytest
@@ -159,6 +160,8 @@ def test_stdlib_slice(tmp_path):
     cfg.model.vocab_size = 400
     bundle = build_data(cfg, rank=0, world=2, is_builder=True)
     assert "python stdlib" in bundle.describe
+    n_files = int(re.search(r"\(([\d,]+) files, 0.2 MB\)", bundle.describe)[1].replace(",", ""))
+    assert n_files < 100  # the files actually read, not the whole stdlib
     assert bundle.vocab_size == 400
     assert bundle.train_batch(3, 0)["idx"].shape == (4, 16)
 

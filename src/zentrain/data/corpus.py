@@ -145,6 +145,18 @@ def iter_documents(files: list[Path], max_bytes: int = 0, on_error: str = "skip"
             budget -= len(data)
 
 
+def files_within(files: list[Path], max_bytes: int = 0) -> list[Path]:
+    """The leading files ``iter_documents`` reads before ``max_bytes`` runs out (0: all)."""
+    if max_bytes <= 0:
+        return files
+    used = 0
+    for i, p in enumerate(files):
+        used += p.stat().st_size
+        if used >= max_bytes:
+            return files[:i + 1]
+    return files
+
+
 def total_bytes(files: list[Path], max_bytes: int = 0) -> int:
     """Input bytes ``iter_documents`` will read (for progress bars)."""
     total = sum(p.stat().st_size for p in files)

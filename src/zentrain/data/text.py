@@ -27,7 +27,15 @@ from tokenizers import Tokenizer
 from torch import Tensor
 
 from zentrain.config import Config
-from zentrain.data.corpus import DataError, Document, corpus_files, iter_documents, log, total_bytes
+from zentrain.data.corpus import (
+    DataError,
+    Document,
+    corpus_files,
+    files_within,
+    iter_documents,
+    log,
+    total_bytes,
+)
 from zentrain.data.tokenizer import (
     EOT,
     atomic_write_text,
@@ -106,6 +114,7 @@ def open_text_data(cache: Path) -> TextData:
 
 def _build(cfg: Config, files: list[Path], cache: Path) -> None:
     data, show = cfg.data, cfg.metrics.progress
+    files = files_within(files, data.max_bytes)
     nbytes = total_bytes(files, data.max_bytes)
     first = iter_documents(files, data.max_bytes, data.on_error)
     try:
