@@ -30,11 +30,17 @@ class DataParallel(nn.Module):
 
     def __init__(self, module: nn.Module, sync: str | GradSync = "dense",
                  group: dist.ProcessGroup | None = None, broadcast_from_rank0: bool = True,
-                 **sync_opts: Any) -> None:
+                 compress: Any = None, **sync_opts: Any) -> None:
+        """``sync``: a scheme name (``zentrain.sync.SCHEMES``) or a ``GradSync``;
+        ``compress``: None, a method name (``"topk"``, ``"powersgd"``, ...), a dict of
+        ``zentrain.compress.CompressConfig`` fields or a ``CompressConfig``; applied to the
+        dense parameters the compression policy selects, the rest synced by ``sync``."""
+        from zentrain.sync.compressed import maybe_compress
+
         super().__init__()
         self.module = module
-        self.grad_sync = sync if isinstance(sync, GradSync) else build_grad_sync(
-            sync, group, **sync_opts)
+        base = sync if isinstance(sync, GradSync) else build_grad_sync(sync, group, **sync_opts)
+        self.grad_sync = maybe_compress(base, compress)
         if broadcast_from_rank0 and self.grad_sync.world_size > 1 and self.grad_sync.name != "ddp":
             _broadcast_state(module, group)
         # DDP wraps the module; other schemes return it unchanged. Not registered as a

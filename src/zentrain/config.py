@@ -16,6 +16,8 @@ from typing import Any, Literal, get_args, get_origin
 
 import tomllib
 
+from zentrain.compress import CompressConfig
+
 
 class ConfigError(ValueError):
     """A bad config key or value (one line, names the key and what is allowed)."""
@@ -52,6 +54,28 @@ class ModelConfig:
 
 
 @dataclass
+class SourceConfig:
+    """One dataset of a mixture (a ``[[data.sources]]`` table)."""
+
+    path: str = ""
+    """File, glob or directory (empty: the Python standard library for the GPT, the
+    synthetic click log for DeepFM)."""
+    format: Literal["auto", "txt", "jsonl", "parquet", "bin", "criteo", "synthetic"] = "auto"
+    """How to read it. ``auto``: by suffix (``.jsonl``, ``.parquet``, ``.bin``, else text for
+    the GPT; Criteo TSV for DeepFM). ``bin``: pre-tokenized ids, see ``token_dtype``."""
+    name: str = ""
+    """Label in logs and the ``mixture`` metric (default: from the path)."""
+    weight: float = 1.0
+    """Mixing weight at step 0 (weights are normalized over the sources at every step)."""
+    weight_end: float = -1.0
+    """Weight reached after ``ramp_steps``, linearly from ``weight`` (negative: no ramp)."""
+    ramp_steps: int = 0
+    """Steps of the linear ramp from ``weight`` to ``weight_end``."""
+    token_dtype: Literal["uint16", "uint32"] = "uint16"
+    """``bin`` format: the integer type of the raw little-endian token ids."""
+
+
+@dataclass
 class DataConfig:
     paths: list[str] = field(default_factory=list)
     """Text/JSONL files or globs for the GPT (empty: the Python standard library's .py
@@ -68,13 +92,24 @@ class DataConfig:
     """DeepFM synthetic generator: Zipf exponent of categorical ids (skew)."""
     on_error: Literal["skip", "fail"] = "skip"
     """What a corrupt record does: reported and skipped, or fatal."""
+    sources: list[SourceConfig] = field(default_factory=list)
+    """Several datasets mixed by weight (``[[data.sources]]`` tables; empty: one source made
+    of ``paths``)."""
+    global_batch_size: int = 0
+    """Samples per optimizer step over all ranks (0: ``train.batch_size x train.grad_accum
+    x ranks`` of the first run). Kept in the loader state, so a resume at another world
+    size sees the same batches; each rank gets ``global / ranks / grad_accum`` per micro-batch."""
+    num_workers: int = 2
+    """Background processes per rank that build batches (0: in the training process)."""
+    prefetch: int = 4
+    """Steps prepared ahead of the trainer per rank (shared-memory batch slots)."""
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 300
+    steps: int = 200
     """Optimizer steps to run."""
-    batch_size: int = 16
+    batch_size: int = 8
     """Per-rank micro-batch size (sequences for GPT, samples for DeepFM)."""
     grad_accum: int = 1
     """Micro-batches accumulated per optimizer step."""
@@ -122,6 +157,10 @@ class SyncConfig:
     """``auto``: steps profiled before choosing a scheme per tensor."""
     auto_recheck_every: int = 200
     """``auto``: re-profile and re-choose every this many steps (0: never)."""
+    compress: Literal["none", "topk", "randomk", "powersgd", "qsgd", "sign", "fp16",
+                      "bf16"] = "none"
+    """Lossy compression of dense gradients (its options: the ``[compress]`` section);
+    the same as ``compress.method``."""
 
 
 @dataclass
@@ -142,6 +181,24 @@ class CheckpointConfig:
     """Save a persistent checkpoint when training ends."""
     resume: bool = False
     """Resume from the newest checkpoint in the run directory."""
+    async_persistent: bool = True
+    """Persistent saves with DCP ``async_save`` on a dedicated gloo group (training goes on
+    while the files are written; committed by rename once every rank's data is on disk);
+    false: blocking ``dcp.save``."""
+    memory_every: int = 1
+    """In-memory checkpoint to the node's checkpoint agent every this many steps (0: off).
+    Active only when ``zentrain run`` started agents (``ZENTRAIN_CKPT_AGENTS``)."""
+    replicas: int = 2
+    """Copies of every in-memory checkpoint, the node's own included (GEMINI's m): the other
+    m - 1 are held by peer nodes' agents and survive the loss of a whole node."""
+    max_restarts: int = 3
+    """Times torch's elastic agent restarts the workers after a failure (0: a failed worker
+    ends the run)."""
+    memory_bytes_per_s: float = 0.0
+    """Throttle of in-memory checkpoint traffic, worker → agent and agent → replicas
+    (bytes/s; 0: unthrottled)."""
+    pause_in_sync: bool = True
+    """Hold in-memory checkpoint traffic while backward and the gradient sync run."""
 
 
 @dataclass
@@ -168,6 +225,8 @@ class Config:
     """Checkpointing."""
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     """Metrics and progress."""
+    compress: CompressConfig = field(default_factory=CompressConfig)
+    """Gradient compression options (ratio, rank, bits, ...; see zentrain.compress)."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -179,7 +238,9 @@ def _allowed(tp: Any) -> str:
     if get_origin(tp) is Literal:
         return " | ".join(repr(a) for a in get_args(tp))
     if get_origin(tp) is list:
-        return f"a list of {get_args(tp)[0].__name__}"
+        inner = get_args(tp)[0]
+        return "a list of tables" if dataclasses.is_dataclass(inner) else \
+            f"a list of {inner.__name__}"
     return getattr(tp, "__name__", str(tp))
 
 
@@ -194,7 +255,14 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
     if origin is list:
         if not isinstance(value, list):
             raise bad
-        return [_coerce(key, get_args(tp)[0], v) for v in value]
+        return [_coerce(f"{key}[{i}]" if dataclasses.is_dataclass(get_args(tp)[0]) else key,
+                        get_args(tp)[0], v) for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"bad value for {key}: {value!r} (allowed: a table of keys)")
+        return _table(key, tp, value)
     if tp is bool:
         if not isinstance(value, bool):
             raise bad
@@ -216,6 +284,17 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
 
 def _field_types(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
+
+
+def _table(key: str, cls: type, body: dict[str, Any]) -> Any:
+    """Build dataclass ``cls`` from a TOML table; unknown keys name ``key.field``."""
+    types = _field_types(cls)
+    kwargs = {}
+    for k, v in body.items():
+        if k not in types:
+            raise ConfigError(f"unknown config key {key}.{k} (allowed: {', '.join(types)})")
+        kwargs[k] = _coerce(f"{key}.{k}", types[k], v)
+    return cls(**kwargs)
 
 
 def apply_dict(cfg: Config, data: dict[str, Any], origin: str = "config") -> Config:
@@ -268,17 +347,71 @@ def validate(cfg: Config) -> Config:
         (cfg.train.lr > 0, "train.lr must be > 0"),
         (cfg.train.warmup_steps >= 0, "train.warmup_steps must be >= 0"),
         (0 <= cfg.data.eval_fraction < 1, "data.eval_fraction must be in [0, 1)"),
+        (cfg.data.global_batch_size >= 0, "data.global_batch_size must be >= 0"),
+        (cfg.data.num_workers >= 0, "data.num_workers must be >= 0"),
+        (cfg.data.prefetch >= 1, "data.prefetch must be >= 1"),
         (cfg.parallel.nproc >= 1, "parallel.nproc must be >= 1"),
         (cfg.model.d_model % cfg.model.n_head == 0,
          f"model.d_model ({cfg.model.d_model}) must be divisible by model.n_head "
          f"({cfg.model.n_head})"),
         (cfg.model.vocab_size >= 256, "model.vocab_size must be >= 256 (byte-level BPE)"),
         (cfg.sync.bucket_mb > 0, "sync.bucket_mb must be > 0"),
+        (cfg.checkpoint.every >= 0, "checkpoint.every must be >= 0"),
+        (cfg.checkpoint.memory_every >= 0, "checkpoint.memory_every must be >= 0"),
+        (cfg.checkpoint.replicas >= 1, "checkpoint.replicas must be >= 1"),
+        (cfg.checkpoint.max_restarts >= 0, "checkpoint.max_restarts must be >= 0"),
+        (cfg.checkpoint.memory_bytes_per_s >= 0, "checkpoint.memory_bytes_per_s must be >= 0"),
     ]
     for ok, msg in checks:
         if not ok:
             raise ConfigError(msg)
+    _validate_sources(cfg.data.sources)
+    _merge_compress(cfg)
     return cfg
+
+
+def _merge_compress(cfg: Config) -> None:
+    """``sync.compress`` and ``compress.method`` name the same thing; they must agree."""
+    a, b = cfg.sync.compress, cfg.compress.method
+    if a != "none" and b != "none" and a != b:
+        raise ConfigError(f"sync.compress = {a!r} but compress.method = {b!r}; set one of them")
+    cfg.compress.method = cfg.sync.compress = a if a != "none" else b
+    try:
+        cfg.compress.validate()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if cfg.compress.method != "none" and cfg.sync.scheme == "ddp":
+        raise ConfigError(f"sync.compress = {cfg.compress.method!r} needs a zentrain scheme "
+                          "(sync.scheme = dense, zen, ...), not 'ddp'")
+
+
+def _validate_sources(sources: list[SourceConfig]) -> None:
+    names = [s.name for s in sources if s.name]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"data.sources names must be unique (got {names})")
+    for i, s in enumerate(sources):
+        key = f"data.sources[{i}]"
+        if s.weight < 0:
+            raise ConfigError(f"{key}.weight must be >= 0 (got {s.weight})")
+        if s.ramp_steps < 0:
+            raise ConfigError(f"{key}.ramp_steps must be >= 0 (got {s.ramp_steps})")
+        if s.weight_end >= 0 and s.ramp_steps == 0:
+            raise ConfigError(f"{key}.weight_end needs {key}.ramp_steps > 0")
+    # Weights are piecewise linear in the step: their sum is smallest at step 0 or at the
+    # end of some ramp, so checking those steps covers every step.
+    for t in {0, *(s.ramp_steps for s in sources)}:
+        if sources and sum(source_weight(s, t) for s in sources) <= 0:
+            raise ConfigError(f"data.sources weights sum to 0 at step {t}; give some source "
+                              "a positive weight")
+
+
+def source_weight(s: SourceConfig, step: int) -> float:
+    """The weight of source ``s`` at ``step``: ``weight``, ramped linearly to ``weight_end``
+    over ``ramp_steps`` when ``weight_end >= 0``."""
+    if s.weight_end < 0 or s.ramp_steps == 0:
+        return s.weight
+    frac = min(1.0, step / s.ramp_steps)
+    return s.weight + (s.weight_end - s.weight) * frac
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
