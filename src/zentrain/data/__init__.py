@@ -1,4 +1,9 @@
-"""Data for the built-in models: ``build_data(cfg, rank, world, is_builder) -> DataBundle``.
+"""Data for the built-in models.
+
+The trainer uses ``build_loader`` (``loader.py``): several sources mixed by weight, one
+global sample order for any world size, exact resume, background workers. Below is the
+foundation's simple per-rank reader, ``build_data(cfg, rank, world, is_builder) ->
+DataBundle``, kept for its users and tests.
 
 Every batch is a pure function of (seed, step, micro, rank, world), so the data side of a
 run has no state to checkpoint: resuming at step k replays the batches of the
@@ -22,9 +27,11 @@ from torch import Tensor
 from zentrain.config import Config
 from zentrain.data.corpus import DataError, expand_paths
 from zentrain.data.ctr import CTRBatches, SyntheticCTR, read_criteo
+from zentrain.data.loader import Loader, build_loader
 from zentrain.data.text import TextBatches, prepare_text_data
 
-__all__ = ["DataBundle", "DataError", "build_data", "prepare_text_data"]
+__all__ = ["DataBundle", "DataError", "Loader", "build_data", "build_loader",
+           "prepare_text_data"]
 
 
 @dataclass

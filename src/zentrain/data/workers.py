@@ -1,0 +1,308 @@
+"""Background batch building: worker processes, shared-memory slots, restart on death.
+
+The training process keeps ``prefetch`` batch **slots**: one shared-memory tensor per batch
+field, sized for this rank's samples of one step. Step ``s`` goes to worker ``s % N`` with a
+free slot; the worker computes the step's global batch from its own copy of the planner
+(the plan is a pure function of the loader state, so only the state is ever sent), reads
+this rank's slice from its own opened sources straight into the slot, and answers with
+the step's digest and mixture. The trainer takes steps strictly in order; taking one
+copies it out of its slot, which frees the slot for step ``s + prefetch``.
+
+Failure handling (OVERLORD's "shadow loader", systems.md §2.1, made cheap by determinism):
+the pool waits on each worker's pipe *and* its process sentinel. When a worker dies
+(killed, OOM, segfault) it is restarted from the loader state and given again every step
+it owned whose result had not arrived, into the same slots; nothing else needs
+recovering, because a step's samples depend on (seed, state, step) only, so the rebuilt
+batch is the one the dead worker would have produced. A warning names the worker, its exit
+code and the steps rebuilt. A worker that keeps dying on the same step is an error.
+
+Workers come from a ``forkserver`` (never ``fork`` from a process whose torch thread pools
+are running), preloaded with this module, so a restart costs a fork, not a torch import.
+Each worker uses one thread and ignores SIGINT (Ctrl-C stops the trainer, which stops
+them); when the trainer dies, its pipes close and the workers exit.
+"""
+
+from __future__ import annotations
+
+import gc
+import multiprocessing as mp
+import multiprocessing.connection as mpc
+import os
+import signal
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from zentrain.data.corpus import DataError, log
+from zentrain.data.plan import LoaderState, MixSchedule, Planner, batch_digest
+from zentrain.data.sources import build_batch
+
+MAX_DEATHS_PER_STEP = 3
+"""A step whose worker died this many times is not retried again."""
+STALL_TIMEOUT_S = 600.0
+"""A live worker that answers nothing for this long is reported as hung."""
+
+
+@dataclass(frozen=True)
+class PlanSpec:
+    """What a worker needs to plan any step (with a ``LoaderState``): picklable."""
+
+    sizes: tuple[int, ...]
+    schedule: MixSchedule
+    seed: int
+    rank: int
+    world: int
+
+    def planner(self, state: LoaderState) -> Planner:
+        return Planner(list(self.sizes), self.schedule, self.seed, state)
+
+
+@dataclass
+class StepResult:
+    batch: dict[str, Tensor]
+    """This rank's samples of the step (all micro-batches), copied out of the slot."""
+    digest: str
+    """``batch_digest`` of the step's global batch."""
+    counts: list[int]
+    """Samples per source in the step's global batch."""
+
+
+def _context() -> mp.context.BaseContext:
+    ctx = mp.get_context("forkserver")
+    # The server imports these once and every worker inherits them. The main module's
+    # imports too: each child re-runs the main module (as spawn does), and for the trainer
+    # (zentrain.train: torch.distributed, the models) importing that in every worker costs
+    # ~100 MB of private memory. Preloading it *by name* in the server makes the child's
+    # re-run find everything imported. (The documented "__main__" entry does not work on
+    # Python 3.11: the server is never told the main path.)
+    preload = ["zentrain.data.workers"]
+    main = sys.modules.get("__main__")
+    name = getattr(getattr(main, "__spec__", None), "name", None)
+    if name and not name.endswith("__main__"):
+        preload.append(name)
+    ctx.set_forkserver_preload(preload)
+    return ctx
+
+
+def _worker_main(wid: int, incarnation: int, recipes: list[Any], spec: PlanSpec,
+                 state: LoaderState, slots: list[dict[str, Tensor]], conn: mpc.Connection,
+                 crash_at: tuple[int, int] | None) -> None:
+    # Everything inherited from the forkserver is shared copy-on-write until a full garbage
+    # collection writes to every object's header; freezing keeps those pages shared
+    # (~100 MB of private memory per worker otherwise).
+    gc.freeze()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    torch.set_num_threads(1)
+    try:
+        readers = [r.open() for r in recipes]
+        planner = spec.planner(state)
+    except Exception as e:  # noqa: BLE001 - reported to the trainer, which raises
+        conn.send(("error", -1, _message(e, wid, "opening the sources")))
+        return
+    views = [{k: t.numpy() for k, t in slot.items()} for slot in slots]
+    per = planner.global_batch_size // spec.world
+    while True:
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError):  # the trainer is gone
+            return
+        if msg is None:
+            return
+        if msg[0] == "reset":
+            planner.reset(msg[1])
+            per = planner.global_batch_size // spec.world
+            continue
+        _, step, slot = msg
+        if crash_at is not None and step == crash_at[0] and incarnation < crash_at[1]:
+            os._exit(77)  # test hook: die with this step in flight
+        try:
+            ids = planner.global_ids(step)
+            build_batch(readers, ids[spec.rank * per:(spec.rank + 1) * per], views[slot])
+            counts = np.bincount(ids[:, 0], minlength=len(spec.sizes)).tolist()
+            conn.send(("ok", step, slot, batch_digest(ids), counts))
+        except Exception as e:  # noqa: BLE001 - reported to the trainer, which raises
+            conn.send(("error", step, _message(e, wid, f"building step {step}")))
+
+
+def _message(e: Exception, wid: int, doing: str) -> str:
+    if isinstance(e, DataError):
+        return str(e)
+    return f"data worker {wid} failed {doing}:\n{traceback.format_exc()}"
+
+
+@dataclass
+class _Worker:
+    proc: Any
+    conn: mpc.Connection
+    incarnation: int
+
+
+@dataclass
+class _Task:
+    step: int
+    slot: int
+    worker: int
+
+
+class WorkerPool:
+    """``num_workers`` processes building this rank's batches ``prefetch`` steps ahead."""
+
+    def __init__(self, recipes: list[Any], spec: PlanSpec, state: LoaderState,
+                 layout: dict[str, tuple[tuple[int, ...], np.dtype]], num_workers: int,
+                 prefetch: int, crash_at: tuple[int, int] | None = None,
+                 stall_timeout_s: float = STALL_TIMEOUT_S) -> None:
+        if num_workers < 1:
+            raise ValueError("a WorkerPool needs at least one worker")
+        self.recipes, self.spec, self.crash_at = recipes, spec, crash_at
+        self.prefetch, self.stall_timeout_s = prefetch, stall_timeout_s
+        rows = state.global_batch_size // spec.world
+        self.slots = [{k: torch.from_numpy(np.zeros((rows, *shape), dtype)).share_memory_()
+                       for k, (shape, dtype) in layout.items()} for _ in range(prefetch)]
+        self.free = list(range(prefetch))
+        self.tasks: dict[int, _Task] = {}
+        self.done: dict[int, tuple[int, str, list[int]]] = {}
+        self.deaths: dict[int, int] = {}
+        self.restarts = 0
+        self.anchor = state
+        self.expect = self.next_submit = state.step
+        self.ctx = _context()
+        self.workers: list[_Worker] = [self._spawn(w, 0) for w in range(num_workers)]
+
+    # -- processes ---------------------------------------------------------------------------
+    def _spawn(self, wid: int, incarnation: int) -> _Worker:
+        parent, child = self.ctx.Pipe()
+        proc = self.ctx.Process(
+            target=_worker_main, name=f"zentrain-data-{wid}", daemon=True,
+            args=(wid, incarnation, self.recipes, self.spec, self.anchor, self.slots, child,
+                  self.crash_at))
+        proc.start()
+        child.close()  # only the worker holds its end: its death closes the pipe
+        return _Worker(proc, parent, incarnation)
+
+    def pids(self) -> list[int]:
+        return [w.proc.pid for w in self.workers]
+
+    def _restart(self, wid: int) -> None:
+        old = self.workers[wid]
+        old.proc.join(timeout=5)
+        code = old.proc.exitcode
+        old.conn.close()
+        lost = sorted(t.step for t in self.tasks.values() if t.worker == wid)
+        for s in lost:
+            self.deaths[s] = self.deaths.get(s, 0) + 1
+            if self.deaths[s] >= MAX_DEATHS_PER_STEP:
+                raise DataError(f"data worker {wid} died {self.deaths[s]} times while building "
+                                f"step {s} (last exit code {code}); giving up")
+        self.workers[wid] = self._spawn(wid, old.incarnation + 1)
+        self.restarts += 1
+        log.warning(f"data worker {wid} (pid {old.proc.pid}) died with exit code {code}; "
+                    f"restarted it and rebuilding its steps {lost} from the loader state")
+        for s in lost:
+            self.workers[wid].conn.send(("task", s, self.tasks[s].slot))
+
+    # -- steps -------------------------------------------------------------------------------
+    def _fill(self) -> None:
+        while self.free and self.next_submit < self.expect + self.prefetch:
+            s = self.next_submit
+            task = _Task(s, self.free.pop(), s % len(self.workers))
+            self.tasks[s] = task
+            self.workers[task.worker].conn.send(("task", s, task.slot))
+            self.next_submit += 1
+
+    def _receive(self, wid: int, timeout: float) -> None:
+        """Take what worker ``wid`` sent within ``timeout``; restart it if it died."""
+        w = self.workers[wid]
+        ready = mpc.wait([w.conn, w.proc.sentinel], timeout)
+        if not ready:
+            return
+        try:
+            while w.conn.poll():
+                self._handle(w.conn.recv())
+        except (EOFError, OSError):
+            pass
+        if not w.proc.is_alive():
+            self._restart(wid)
+
+    def _handle(self, msg: tuple) -> None:
+        if msg[0] == "error":
+            raise DataError(msg[2])
+        _, step, slot, digest, counts = msg
+        task = self.tasks.pop(step)
+        assert task.slot == slot, (task, slot)
+        self.done[step] = (slot, digest, counts)
+
+    def get(self, step: int, reset_state: LoaderState | None = None) -> StepResult:
+        """The batch of ``step``. Steps come in order; ``reset_state`` (the state at
+        ``step``) is needed only when ``step`` is not the one after the previous call."""
+        if step != self.expect:
+            if reset_state is None or reset_state.step != step:
+                raise ValueError(f"step {step} out of order (expected {self.expect}) and no "
+                                 "state to restart from")
+            self._reset(reset_state)
+        self._fill()
+        task = self.tasks.get(step)
+        last = time.monotonic()
+        while step not in self.done:
+            assert task is not None
+            before = (len(self.done), self.restarts)
+            self._receive(task.worker, 1.0)
+            if (len(self.done), self.restarts) != before:
+                last = time.monotonic()
+            elif time.monotonic() - last > self.stall_timeout_s:
+                raise DataError(f"data worker {task.worker} built nothing for "
+                                f"{self.stall_timeout_s:.0f} s (step {step}); is it hung?")
+        slot, digest, counts = self.done.pop(step)
+        batch = {k: v.clone() for k, v in self.slots[slot].items()}
+        self.free.append(slot)
+        self.deaths.pop(step, None)
+        self.expect = step + 1
+        self._fill()
+        return StepResult(batch, digest, counts)
+
+    def _reset(self, state: LoaderState) -> None:
+        """Drop everything in flight (waiting for it: a slot being written is not free)
+        and continue from ``state``."""
+        while self.tasks:
+            self._receive(next(iter(self.tasks.values())).worker, 1.0)
+        self.free.extend(slot for slot, _, _ in self.done.values())
+        self.done.clear()
+        self.anchor = state
+        for w in self.workers:
+            w.conn.send(("reset", state))
+        self.expect = self.next_submit = state.step
+
+    # -- reporting and shutdown --------------------------------------------------------------
+    def memory_bytes(self) -> int:
+        """Slot memory plus the workers' private (unshared) resident memory."""
+        slots = sum(t.numel() * t.element_size() for s in self.slots for t in s.values())
+        return slots + sum(_private_bytes(w.proc.pid) for w in self.workers)
+
+    def close(self) -> None:
+        for w in self.workers:
+            try:
+                w.conn.send(None)
+            except (OSError, ValueError):
+                pass
+        for w in self.workers:
+            w.proc.join(timeout=5)
+            if w.proc.is_alive():
+                w.proc.kill()
+                w.proc.join()
+            w.conn.close()
+        self.workers = []
+
+
+def _private_bytes(pid: int | None) -> int:
+    """Private resident memory of ``pid`` (Linux ``smaps_rollup``; 0 elsewhere)."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            return sum(int(line.split()[1]) * 1024 for line in f
+                       if line.startswith(("Private_Clean:", "Private_Dirty:")))
+    except (OSError, ValueError, IndexError):
+        return 0
