@@ -42,9 +42,9 @@ def inside_torchrun() -> bool:
 
 def prepare_data(cfg: Config, nproc: int) -> None:
     """Build tokenizer/token caches once and validate the data for ``nproc`` ranks."""
-    from zentrain.data import build_data
+    from zentrain.data import build_loader
 
-    build_data(cfg, 0, nproc, is_builder=True)
+    build_loader(cfg, 0, nproc, is_builder=True)
 
 
 def launch_local(train_args: list[str], nproc: int, run_dir: Path, port: int | None = None,

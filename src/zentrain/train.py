@@ -115,13 +115,13 @@ def _reduce_stats(values: list[float], d: Dist) -> tuple[list[float], list[float
 
 class Trainer:
     def __init__(self, cfg: Config, run_dir: Path, d: Dist) -> None:
-        from zentrain.data import build_data
+        from zentrain.data import build_loader
         from zentrain.models import build_model
 
         self.cfg, self.run_dir, self.d = cfg, run_dir, d
         if cfg.train.deterministic:
             torch.use_deterministic_algorithms(True)
-        self.data = _build_data_collectively(build_data, cfg, d)
+        self.data = _build_data_collectively(build_loader, cfg, d)
         torch.manual_seed(cfg.train.seed)
         model = build_model(cfg.model).to(d.device)
         self.model = model
@@ -170,12 +170,14 @@ class Trainer:
 
         cfg, d = self.cfg, self.d
         if cfg.checkpoint.resume:
-            extra = {"step": torch.tensor(0)}
+            extra = {"step": torch.tensor(0), "data": self.data.state_dict()}
             got = persistent.load(self.run_dir, self.model, self.optim, extra)
             if got is None:
                 raise ConfigError(f"checkpoint.resume = true but {self.run_dir}/checkpoints "
                                   "holds no committed checkpoint")
             self.step = int(extra["step"])
+            # The loader state is global: it resumes at any world size with the next samples.
+            self.data.load_state_dict(extra["data"])
         metrics = MetricsWriter(self.run_dir, self.is_main)
         progress = Progress(cfg.train.steps, self.step, self.is_main and cfg.metrics.progress)
         if self.is_main:
@@ -207,7 +209,10 @@ class Trainer:
                        f"{self.data.unit}_per_s": items / step_time,
                        "sync_bytes_sent": s.bytes_sent, "sync_bytes_recv": s.bytes_recv,
                        "sync_bytes_sent_max": int(max_sent), "sync_bytes_recv_max": int(max_recv),
-                       "peak_mem_bytes": peak_memory_bytes(d.device)}
+                       "peak_mem_bytes": peak_memory_bytes(d.device),
+                       "batch_digest": self.data.batch_digest(self.step - 1),
+                       "mixture": self.data.mixture(self.step - 1),
+                       "data_mem_bytes": self.data.memory_bytes()}
                 if s.extra:  # scheme figures: path taken, density, imbalance per table
                     row["sync_stats"] = {k: v for k, v in s.extra.items()
                                          if isinstance(v, int | float | str | bool)}
@@ -226,6 +231,7 @@ class Trainer:
                 if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
                     self.save()
         finally:
+            self.data.close()  # stop the loader's workers
             progress.close()
             metrics.close()
         if cfg.checkpoint.at_end and not (cfg.checkpoint.every and
@@ -235,7 +241,7 @@ class Trainer:
 
     def save(self) -> None:
         persistent.save(self.run_dir, self.step, self.model, self.optim,
-                        {"step": torch.tensor(self.step)})
+                        {"step": torch.tensor(self.step), "data": self.data.state_dict()})
 
     def _summary(self, hist, eval_out, last_loss, wall) -> dict[str, Any]:
         steady = hist[min(len(hist) - 1, 2):] if hist else []  # skip warm-up steps
