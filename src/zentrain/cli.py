@@ -24,6 +24,9 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue from the newest checkpoint in --run-dir")
     p.add_argument("--port", type=int, default=None, help="rendezvous port (default: a free one)")
+    p.add_argument("--emulate-bandwidth", default=None, metavar="RATE",
+                   help="run each rank in its own network namespace with RATE links (e.g. "
+                        "1gbit; needs root and iproute2, see docs/netem.md)")
     p.set_defaults(func=cmd_run)
 
 
@@ -41,6 +44,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir) if args.run_dir else train.default_run_dir(cfg)
     train_args = ([args.config] if args.config else []) + [
         a for o in overrides for a in ("--set", o)] + ["--run-dir", str(run_dir)]
+    if args.emulate_bandwidth is not None:
+        from zentrain.bench.cluster import run_emulated
+
+        return run_emulated(train_args, cfg, run_dir, args.emulate_bandwidth)
     if launch.inside_torchrun():
         return train.main(train_args)
     if args.resume and not (run_dir / "checkpoints" / "latest").is_file():
