@@ -18,6 +18,9 @@ and a server (co-located, as in ZEN §3.1):
    all-gather padded to the largest server. Every rank decodes the same bytes, so all
    end with the server-computed bits: identical everywhere.
 
+``last_stats`` adds ``codec_s``: seconds spent partitioning, encoding and decoding (ZEN
+reports the same figure as ``hash_s``).
+
 ``OmniReduceReducer``: server ``i`` owns rows ``[i·R/n, (i+1)·R/n)`` (blocks of rows),
 COO on the wire. Under skewed indices (ZEN C3) one server gets most of the traffic, and
 the padded Pull makes everyone pay for the largest server; ``last_stats`` shows it as
@@ -141,8 +144,9 @@ class ParallelReducer(RowReducer):
 
         self._note_counts([sum(r) for r in splits], out_idx.numel(), num_rows)
         self.last_stats.update(imbalance_ratios(torch.tensor(splits), rows))
-        self.last_stats.update(server_rows=rows, pull_formats=fmts, pad_bytes=(
-            (n - 1) * top - sum(total[j] for j in range(n) if j != me)))
+        self.last_stats.update(server_rows=rows, pull_formats=fmts, codec_s=self._codec_s,
+                               pad_bytes=(n - 1) * top - sum(total[j] for j in range(n)
+                                                             if j != me))
         return out_idx, out_vals
 
 
