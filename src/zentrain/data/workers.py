@@ -32,6 +32,7 @@ import signal
 import sys
 import time
 import traceback
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +48,8 @@ MAX_DEATHS_PER_STEP = 3
 """A step whose worker died this many times is not retried again."""
 STALL_TIMEOUT_S = 600.0
 """A live worker that answers nothing for this long is reported as hung."""
+MEMORY_EVERY_S = 5.0
+"""Workers measure their private memory this often (reading smaps_rollup is not free)."""
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,13 @@ class StepResult:
     """``batch_digest`` of the step's global batch."""
     counts: list[int]
     """Samples per source in the step's global batch."""
+
+
+# A forkserver child re-runs the main module by name (spawn semantics); since the server
+# preloaded it (see ``_context``), runpy warns once per worker that it is already imported.
+# Harmless, and only that message is silenced (the filter is inherited from the server).
+warnings.filterwarnings("ignore", message=r"'.*' found in sys.modules after import of package",
+                        category=RuntimeWarning)
 
 
 def _context() -> mp.context.BaseContext:
@@ -107,6 +117,7 @@ def _worker_main(wid: int, incarnation: int, recipes: list[Any], spec: PlanSpec,
         return
     views = [{k: t.numpy() for k, t in slot.items()} for slot in slots]
     per = planner.global_batch_size // spec.world
+    memory, measured = 0, -MEMORY_EVERY_S
     while True:
         try:
             msg = conn.recv()
@@ -125,7 +136,9 @@ def _worker_main(wid: int, incarnation: int, recipes: list[Any], spec: PlanSpec,
             ids = planner.global_ids(step)
             build_batch(readers, ids[spec.rank * per:(spec.rank + 1) * per], views[slot])
             counts = np.bincount(ids[:, 0], minlength=len(spec.sizes)).tolist()
-            conn.send(("ok", step, slot, batch_digest(ids), counts))
+            if time.monotonic() - measured > MEMORY_EVERY_S:  # ~10 ms: not every step
+                memory, measured = _private_bytes(os.getpid()), time.monotonic()
+            conn.send(("ok", step, slot, batch_digest(ids), counts, memory))
         except Exception as e:  # noqa: BLE001 - reported to the trainer, which raises
             conn.send(("error", step, _message(e, wid, f"building step {step}")))
 
@@ -169,6 +182,7 @@ class WorkerPool:
         self.done: dict[int, tuple[int, str, list[int]]] = {}
         self.deaths: dict[int, int] = {}
         self.restarts = 0
+        self.memory = [0] * num_workers  # each worker's last reported private bytes
         self.anchor = state
         self.expect = self.next_submit = state.step
         self.ctx = _context()
@@ -232,8 +246,9 @@ class WorkerPool:
     def _handle(self, msg: tuple) -> None:
         if msg[0] == "error":
             raise DataError(msg[2])
-        _, step, slot, digest, counts = msg
+        _, step, slot, digest, counts, memory = msg
         task = self.tasks.pop(step)
+        self.memory[task.worker] = memory
         assert task.slot == slot, (task, slot)
         self.done[step] = (slot, digest, counts)
 
@@ -279,9 +294,10 @@ class WorkerPool:
 
     # -- reporting and shutdown --------------------------------------------------------------
     def memory_bytes(self) -> int:
-        """Slot memory plus the workers' private (unshared) resident memory."""
+        """Slot memory plus the workers' private (unshared) resident memory, as they last
+        reported it (every few seconds)."""
         slots = sum(t.numel() * t.element_size() for s in self.slots for t in s.values())
-        return slots + sum(_private_bytes(w.proc.pid) for w in self.workers)
+        return slots + sum(self.memory)
 
     def close(self) -> None:
         for w in self.workers:
