@@ -21,6 +21,7 @@ in the training process.
 
 from __future__ import annotations
 
+import multiprocessing as mp
 from collections import OrderedDict
 from typing import Any
 
@@ -78,6 +79,7 @@ class Loader:
         self._eval: list[dict[str, Tensor]] | None = None
         # Test hook: (step, n): the worker building ``step`` dies the first n times.
         self._crash_at: tuple[int, int] | None = None
+        self._warned_daemon = False
         self.stall_timeout_s = STALL_TIMEOUT_S
         """A worker that builds nothing for this long is an error (a hang, not a slow disk)."""
         self.restarts_before = 0
@@ -132,7 +134,7 @@ class Loader:
         return {k: v[micro * mb:(micro + 1) * mb] for k, v in batch.items()}
 
     def _fetch(self, step: int) -> StepResult:
-        if self.cfg.data.num_workers == 0:
+        if self.cfg.data.num_workers == 0 or self._daemonic():
             res = self._build_here(step)
         else:
             if self._pool is None:
@@ -147,6 +149,17 @@ class Loader:
         while len(self._seen) > 256:
             self._seen.popitem(last=False)
         return res
+
+    def _daemonic(self) -> bool:
+        """A daemonic process (e.g. inside a multiprocessing pool) may not start children:
+        build in this process instead (same batches), and say so once."""
+        if not mp.current_process().daemon:
+            return False
+        if not self._warned_daemon:
+            log.warning(f"data.num_workers = {self.cfg.data.num_workers} ignored: this process "
+                        "is daemonic and cannot start workers; building batches in it")
+            self._warned_daemon = True
+        return True
 
     def _spec(self) -> PlanSpec:
         return PlanSpec(tuple(self.planner.sizes), self.schedule, self.cfg.train.seed,
