@@ -81,27 +81,33 @@ def check_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def miss_reason(t: Target, p: dict[str, Any], ratio: float, pred: float | None) -> str:
-    """Why a target was missed, in figures from the same run."""
+    """Why a target was missed, in figures from the same run.
+
+    The target leaves ``system`` a step-time budget of baseline step / required ratio.
+    Compute alone over budget means no sync scheme could meet it here; otherwise the
+    exposed sync is compared with what the cost model predicts for the bytes it sent.
+    """
     s, b = p["systems"][t.system], p["systems"][t.baseline]
-    ms = 1e3
-    comp = s.get("compute_time_s")
-    if comp:
-        bound = b["step_time_s"] / comp
-        if bound < t.min_ratio:
-            return (f"compute-bound here: {t.system}'s compute alone is {comp * ms:.0f} ms/step "
-                    f"against {t.baseline}'s whole step of {b['step_time_s'] * ms:.0f} ms, so "
-                    f"even a free sync would give at most {bound:.2f}x ({p['world']} ranks "
-                    f"share the machine's cores)")
-    if pred is not None and pred < t.min_ratio:
-        return (f"the cost model itself predicts only {pred:.2f}x from the measured density "
-                f"and gamma: the bytes saved are too few for the target at this compute time")
-    sync, psync = s.get("sync_time_s"), s.get("predicted_sync_time_s")
-    if sync is not None and psync is not None and sync > psync:
-        return (f"{t.system}'s exposed sync is {sync * ms:.0f} ms/step against "
-                f"{psync * ms:.0f} ms predicted for its bytes: per-step overhead beyond the "
-                f"wire (row extraction, hashing, small collectives) on shared CPU cores")
-    return (f"{t.system} step {s['step_time_s'] * ms:.0f} ms vs {t.baseline} "
-            f"{b['step_time_s'] * ms:.0f} ms; timing noise from other jobs on the same cores")
+    budget = b["step_time_s"] / t.min_ratio
+    comp, sync = s.get("compute_time_s"), s.get("sync_time_s")
+    psync = s.get("predicted_sync_time_s")
+    model = "" if pred is None else (
+        f"; the cost model predicts {pred:.2f}x (it assumes {t.baseline}'s sync runs at line "
+        f"rate with no CPU cost)")
+    if comp is None or sync is None:
+        return f"{t.system} step {s['step_time_s'] * 1e3:.0f} ms > budget {budget * 1e3:.0f} ms"
+    if comp > budget:
+        return (f"compute-bound here: {t.system}'s compute alone is {comp * 1e3:.0f} ms/step, "
+                f"over the {budget * 1e3:.0f} ms the target allows ({t.baseline} step "
+                f"{b['step_time_s'] * 1e3:.0f} ms / {t.min_ratio:g}), so even a free sync "
+                f"could not meet it; {p['world']} ranks share the machine's cores{model}")
+    wire = "" if psync is None else (
+        f" (the cost model predicts {psync * 1e3:.0f} ms for its bytes at this rate; the rest "
+        f"is per-step CPU work: finding non-zero rows, hashing, scattering into the dense "
+        f"gradient, small collectives)")
+    return (f"{t.system}'s exposed sync is {sync * 1e3:.0f} ms/step{wire}, over the "
+            f"{(budget - comp) * 1e3:.0f} ms left after its {comp * 1e3:.0f} ms of compute "
+            f"within the {budget * 1e3:.0f} ms budget{model}")
 
 
 # -- the console table -------------------------------------------------------------------------
@@ -204,6 +210,29 @@ def render_markdown(results: list[tuple[Path, dict[str, Any]]], out: Path,
               "- All ranks of a run share these cores, and other jobs ran on the machine at "
               "the same time (load averages below), so absolute speeds are low and timings "
               "are noisy; compare systems within one table, not across tables.", ""]
+    lines += ["## How to read the tables", "",
+              "- Every system is a full training run (`zentrain.train` on N ranks) of the same "
+              "config, seed, data and batch; only gradient sync differs. `ddp` is plain "
+              "`DistributedDataParallel` with dense embedding gradients, `ddp-sparse` the "
+              "same with `nn.Embedding(sparse=True)` (gloo's sparse all-reduce); the rest are "
+              "zentrain's schemes (`--embedding-grads` says whether they got dense gradients "
+              "with zero rows or COO ones).",
+              "- Figures are means over the steps after the warm-up; with repetitions, the "
+              "mean over repetitions, whose order of systems alternates.",
+              "- compute ms = step time minus exposed sync. zentrain's schemes measure their "
+              "exposed sync; DDP waits for its all-reduce inside backward, so its sync "
+              "(marked ~) is estimated as its step time minus the median compute time of "
+              "zentrain's schemes in the same table.",
+              "- MiB/rank/step: gradient-sync bytes rank 0 sent per step (zentrain.sync.comm's "
+              "accounting; DDP's from the same cost model).",
+              "- (pred): the speed-up the cost model (`zentrain.sync.cost`, ZEN §2.3) predicts "
+              "from the density and densification γ that the sparse reducers measured in the "
+              "same run: each system's bytes at the link's goodput (1448/1514 of its rate) "
+              "added to the common compute time. It assumes sync at line rate with no CPU "
+              "cost and no overlap; on loopback it predicts 1.00x.",
+              "- Final losses of lossless systems must agree within the stated relative "
+              "tolerance: all systems sum the same gradients, only the summation order "
+              "differs, so losses match closely but not bit for bit.", ""]
     lines += ["## Targets", ""]
     checks = [(p, c) for p, r in results for c in check_targets(r)]
     head = ["target", "measured", "predicted by cost model", "met", "source"]
@@ -228,7 +257,9 @@ def _result_section(path: Path, r: dict[str, Any], rel: Any) -> list[str]:
     lines = [f"### {cfg['workload']}: {worlds} ranks, bandwidth {bws}", "",
              "```", cfg["command"], "```", "",
              f"{cfg['steps']} steps per system (first {cfg['warmup_steps']} discarded as "
-             f"warm-up), {cfg['repeat']} repetition(s) with alternating order, per-rank batch "
+             f"warm-up{_fewer(cfg)}), {cfg['repeat']} repetition(s) with alternating order, "
+             f"embedding gradients {cfg.get('embedding_grads', 'dense')} for zentrain's "
+             f"sparse schemes, per-rank batch "
              f"{cfg['batch_size']}; run on {cfg['date']}, {cfg['wall_time_s']:.0f} s in all; "
              f"load average {m['load_avg_start'][0]:.1f} at start, "
              f"{m['load_avg_end'][0]:.1f} at end. Data: [{path.name}]({rel(path)}).", ""]
@@ -243,6 +274,13 @@ def _result_section(path: Path, r: dict[str, Any], rel: Any) -> list[str]:
     if png.is_file():
         lines += [f"![{path.stem}]({rel(png)})", ""]
     return lines
+
+
+def _fewer(cfg: dict[str, Any]) -> str:
+    if cfg["steps"] >= 30:
+        return ""
+    return (f"; fewer than the default 30 to keep this invocation to "
+            f"{cfg['wall_time_s'] / 60:.0f} minutes on this machine")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
