@@ -239,6 +239,10 @@ class Loader:
         self.next_step = state.step
         self._current = None
         self._seen.clear()
+        if self.micro_batch_size != self.cfg.train.batch_size:
+            log.warning(f"resuming with a global batch of {gbs} samples: {self.micro_batch_size} "
+                        f"per micro-batch on each of {self.world} ranks (train.batch_size = "
+                        f"{self.cfg.train.batch_size} applies to new runs only)")
 
     # -- eval --------------------------------------------------------------------------------
     def eval_batches(self) -> list[dict[str, Tensor]]:
