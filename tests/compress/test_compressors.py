@@ -262,3 +262,17 @@ def test_state_dict_round_trip_gives_same_next_step():
         b.load_state_dict(a.state_dict())
         assert torch.equal(a.sync("w", gs[1]), b.sync("w", gs[1])), method
         assert math.isclose(a.residuals["w"].sum().item(), b.residuals["w"].sum().item())
+
+
+def test_chunked_topk_is_exact():
+    from zentrain.compress import topk as topk_mod
+
+    x = torch.randn(50_000, generator=torch.Generator().manual_seed(5))
+    old = topk_mod._CHUNK
+    topk_mod._CHUNK = 4096  # force the chunked path on a small tensor
+    try:
+        got = topk_mod.topk_abs(x, 300)
+    finally:
+        topk_mod._CHUNK = old
+    want = torch.topk(x.abs(), 300).indices
+    assert torch.equal(got.sort().values, want.sort().values)

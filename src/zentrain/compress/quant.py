@@ -42,21 +42,26 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
         raise ValueError(f"bits must be in 1..8, got {bits}")
     codes = codes.reshape(-1).to(torch.uint8)
     dev = codes.device
-    if 8 % bits == 0:  # whole codes per byte: shift each into place and add
-        per = 8 // bits
-        pad = (-codes.numel()) % per
-        if pad:
-            codes = torch.cat([codes, codes.new_zeros(pad)])
-        shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=dev)
-        return (codes.view(-1, per) << shifts).sum(dim=1, dtype=torch.uint8)
+    if 8 % bits == 0:  # whole codes per byte: OR each slot's codes into place
+        return _or_slots(codes, bits)
     # Codes straddle bytes: expand to a bit stream, then pack 8 stream bits per byte.
     planes = (codes.unsqueeze(1) >> torch.arange(bits, dtype=torch.uint8, device=dev)) & 1
-    stream = planes.reshape(-1)
-    pad = (-stream.numel()) % 8
+    return _or_slots(planes.reshape(-1), 1)
+
+
+def _or_slots(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Byte i = OR over slots j of codes[i * per + j] << (j * bits); a loop over the <= 8
+    slots of a byte, each step one strided tensor op (several times faster on CPU than a
+    shift-and-sum over a [-1, per] view)."""
+    per = 8 // bits
+    pad = (-codes.numel()) % per
     if pad:
-        stream = torch.cat([stream, stream.new_zeros(pad)])
-    shifts = torch.arange(8, dtype=torch.uint8, device=dev)
-    return (stream.view(-1, 8) << shifts).sum(dim=1, dtype=torch.uint8)
+        codes = torch.cat([codes, codes.new_zeros(pad)])
+    slots = codes.view(-1, per)
+    out = slots[:, 0].clone()
+    for j in range(1, per):
+        out |= slots[:, j] << (j * bits)
+    return out
 
 
 def unpack_bits(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
@@ -150,23 +155,21 @@ class QSGD(_Quantizer):
 
     def encode(self, name: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         b = _buckets(x, self.cfg.bucket_size)
-        scales = b.abs().amax(dim=1)
-        safe = torch.where(scales > 0, scales, torch.ones_like(scales))
-        y = b.abs() / safe.unsqueeze(1) * self.levels  # in [0, s]
+        y = b.abs()
+        scales = y.amax(dim=1)
+        inv = torch.where(scales > 0, self.levels / scales, torch.zeros_like(scales))
+        y.mul_(inv.unsqueeze(1))  # |x| / scale * s, in [0, s]
         # Each rank rounds with its own noise (seeded by rank, step and name, so a resumed
         # run repeats it); shared noise would correlate the ranks' errors.
         g = generator(x.device, derive_seed(self.cfg.seed, "qsgd", self.rank, self.step, name))
-        u = torch.rand(y.shape, generator=g, device=x.device)
+        y.add_(torch.rand(y.shape, generator=g, device=x.device)).floor_()
         # y + u < s + 1 in exact arithmetic; float rounding can reach s + 1, hence the clamp.
-        level = torch.floor(y + u).clamp_(max=self.levels)
-        signed = torch.where(b < 0, -level, level)
-        codes = (signed + self.levels).to(torch.uint8).reshape(-1)[:x.numel()]
-        return codes, scales
+        y.clamp_(max=self.levels).copysign_(b).add_(self.levels)  # signed level + s
+        return y.to(torch.uint8).reshape(-1)[:x.numel()], scales
 
     def decode(self, codes: torch.Tensor, scales: torch.Tensor, numel: int) -> torch.Tensor:
-        signed = codes.to(torch.float32) - self.levels
         step = (scales / self.levels).repeat_interleave(self.cfg.bucket_size)[:numel]
-        return signed * step
+        return codes.to(torch.float32).sub_(self.levels).mul_(step)
 
 
 class Sign(_Quantizer):
@@ -185,4 +188,4 @@ class Sign(_Quantizer):
 
     def decode(self, codes: torch.Tensor, scales: torch.Tensor, numel: int) -> torch.Tensor:
         mag = scales.repeat_interleave(self.cfg.bucket_size)[:numel]
-        return torch.where(codes.bool(), mag, -mag)
+        return codes.to(torch.float32).mul_(2).sub_(1).mul_(mag)  # code 1 -> +, 0 -> -

@@ -19,7 +19,8 @@ results bit-identical on all ranks, so after ``finish`` every gradient is the ra
 (up to compression) and the same everywhere.
 
 The first ``warmup_steps`` synced steps send the chosen parameters uncompressed (float32
-all-reduce). ``state_dict`` carries the compressor's residuals, momenta, PowerSGD ``Q``
+all-reduce). With one rank nothing is sent, so nothing is compressed either: gradients
+stay exact, as with every scheme's one-rank path. ``state_dict`` carries the compressor's residuals, momenta, PowerSGD ``Q``
 matrices and step: per-rank state, so a checkpoint must keep one copy per rank.
 """
 
