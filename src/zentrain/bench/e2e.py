@@ -64,6 +64,9 @@ class Plan:
     loss_rtol: float
     embedding_grads: str = "dense"
     command: str = ""
+    system_sets: dict[str, list[str]] = field(default_factory=dict)
+    """``--set`` overrides of systems that are not in ``e2e_analysis.SYSTEMS`` (used by
+    ``bench compress``: one entry per compression method)."""
     warmup: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -220,9 +223,10 @@ def machine_facts() -> dict[str, Any]:
 class Display:
     """A rich progress bar per training run on a terminal; one plain line per run otherwise."""
 
-    def __init__(self) -> None:
+    def __init__(self, tag: str = "e2e") -> None:
         from rich.console import Console
 
+        self.tag = tag
         self.console = Console()
         if not self.console.is_terminal:  # logs and pipes: wide enough for the table
             self.console = Console(width=160)
@@ -245,7 +249,7 @@ class Display:
     def start(self, label: str, steps: int) -> Any:
         if self.bar is not None:
             return self.bar.add_task(label, total=steps, info="starting ranks")
-        self.console.print(f"[e2e] {label}: running", highlight=False)
+        self.console.print(f"[{self.tag}] {label}: running", highlight=False)
         return label
 
     def step(self, task: Any, step: int, info: str) -> None:
@@ -256,7 +260,7 @@ class Display:
         if self.bar is not None:
             self.bar.update(task, info=info)
         else:
-            self.console.print(f"[e2e] {task}: {info}", highlight=False)
+            self.console.print(f"[{self.tag}] {task}: {info}", highlight=False)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -267,7 +271,7 @@ def train_args(plan: Plan, system: str, world: int, run_dir: Path) -> list[str]:
     sets = [f"train.steps={plan.steps}", "checkpoint.at_end=false", "checkpoint.every=0",
             "train.eval_every=0", f"train.threads={rank_threads(world)}",
             "metrics.log_every=1", "metrics.progress=true", *plan.overrides,
-            *an.SYSTEMS[system]]
+            *(plan.system_sets[system] if system in plan.system_sets else an.SYSTEMS[system])]
     if plan.embedding_grads == "sparse" and system in an.SPARSE_SCHEMES:
         sets.append("model.sparse_embedding=true")
     return ([plan.config] if plan.config else []) + [
