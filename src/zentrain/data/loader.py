@@ -130,6 +130,8 @@ class Loader:
             self._current = (step, self._fetch(step))
             self.next_step = step + 1
         batch = self._current[1].batch
+        if self.accum == 1:
+            return batch
         mb = self.micro_batch_size
         return {k: v[micro * mb:(micro + 1) * mb] for k, v in batch.items()}
 
