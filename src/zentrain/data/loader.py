@@ -33,7 +33,7 @@ from zentrain.config import Config, ConfigError
 from zentrain.data.corpus import DataError, log
 from zentrain.data.plan import LoaderState, MixSchedule, Planner, allocate, batch_digest
 from zentrain.data.sources import Resolved, Source, batch_layout, build_batch, resolve_sources
-from zentrain.data.workers import STALL_TIMEOUT_S, PlanSpec, StepResult, WorkerPool
+from zentrain.data.workers import STALL_TIMEOUT_S, PlanSpec, StepResult, WorkerPool, _context
 
 _EVAL_SEED = 20240917  # eval batches do not depend on train.seed: runs stay comparable
 
@@ -115,6 +115,17 @@ class Loader:
         return (f"{srcs}; global batch {self.global_batch_size} samples "
                 f"({self.micro_batch_size} x {self.accum} per rank), "
                 f"{self.cfg.data.num_workers} loader workers")
+
+    def warm_up(self) -> None:
+        """Start the worker server in the background now (optional): it imports torch and the
+        main module once, which otherwise delays the first ``train_batch`` by seconds. Call
+        it right after ``build_loader`` in the training process to overlap that with model
+        construction (not in a launcher that only validates data)."""
+        if self.cfg.data.num_workers > 0 and not mp.current_process().daemon:
+            from multiprocessing import forkserver
+
+            _context()
+            forkserver.ensure_running()
 
     # -- training batches --------------------------------------------------------------------
     def train_batch(self, step: int, micro: int) -> dict[str, Tensor]:
