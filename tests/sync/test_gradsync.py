@@ -16,10 +16,14 @@ class Tiny(nn.Module):
         self.emb = nn.Embedding(50, 8, sparse=sparse)
         self.fc1 = nn.Linear(8, 16)
         self.fc2 = nn.Linear(16, 1)
-        self.unused = nn.Linear(4, 4)  # never used: must not deadlock the sync
+        self.unused = nn.Linear(4, 4)  # unused, or used by some ranks only: must not hang
+        self.branch = False
 
     def forward(self, ids):
-        return self.fc2(torch.relu(self.fc1(self.emb(ids).mean(1)))).squeeze(-1)
+        h = torch.relu(self.fc1(self.emb(ids).mean(1)))
+        if self.branch and int(ids[0, 0]) % 2:  # a branch only some ranks take some steps
+            h = h + self.unused(h[:, :4]).sum() * 0
+        return self.fc2(h).squeeze(-1)
 
 
 def _data(step: int, world: int):
@@ -152,3 +156,20 @@ def test_dataparallel_compress_option_syncs_identically():
     assert out[0][2] == out[1][2]  # bit-identical gradients
     dense_bytes = 2 * (64 * 128 + 128 * 1) * 4 / 2  # what dense would send for the matrices
     assert out[0][1] < dense_bytes
+
+
+def _branchy(rank, world, scheme):
+    torch.manual_seed(0)
+    model = Tiny()
+    model.branch = True
+    dp = zentrain.DataParallel(model, sync=scheme)
+    for s in range(4):
+        ids = torch.randint(0, 50, (4, 3), generator=torch.Generator().manual_seed(10 * s + rank))
+        dp(ids).pow(2).mean().backward()
+    return _digest({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+
+
+@pytest.mark.parametrize("scheme", ["dense", "zen"])
+def test_rank_dependent_unused_params_do_not_hang(scheme):
+    out = run_ranks(_branchy, 2, scheme, timeout=120)
+    assert out[0] == out[1]

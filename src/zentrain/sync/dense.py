@@ -94,12 +94,20 @@ class DenseSync(GradSync):
         b.flat = torch.cat(grads).div_(self.world_size)
         b.work = comm.all_reduce(b.flat, self.counter, self.group, async_op=True)
 
-    def _finish(self) -> dict[str, Any]:
-        if self.world_size == 1:
-            return {}
+    def launch_remaining(self) -> None:
+        """Launch, in index order, the buckets backward did not complete (unused params).
+
+        Callers that issue other collectives after backward (the sparse tables) must call
+        this first, so every rank issues the same collective sequence.
+        """
         while self._next < len(self.buckets):
             self._launch(self.buckets[self._next])
             self._next += 1
+
+    def _finish(self) -> dict[str, Any]:
+        if self.world_size == 1:
+            return {}
+        self.launch_remaining()
         for b in self.buckets:
             b.work.wait()
             offset = 0

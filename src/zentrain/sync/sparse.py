@@ -84,6 +84,9 @@ class SparseSync(GradSync):
                     p.grad = p.grad.to_dense()
             return {}
         extra: dict[str, Any] = {}
+        # Dense buckets first: a bucket left waiting on a parameter unused on this rank must
+        # be issued before the table collectives, in the same place on every rank.
+        self.dense.launch_remaining()
         for i, (p, reducer) in enumerate(zip(self.tables, self.reducers)):
             extra.update({f"table{i}.{k}": v for k, v in self._sync_table(p, reducer).items()})
         self.dense._finish()
