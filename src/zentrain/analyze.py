@@ -191,9 +191,9 @@ def print_table(result: dict[str, Any], out: Path) -> None:
     n = result["world"]
     t = Table(title=f"zentrain analyze: {result['model']}, {n} ranks, {result['steps']} steps "
                     f"(means over steps; imbalance: push / pull, Def. 8)")
-    for col in ("table", "rows x width", "d", f"d^{n}", f"γ_{n}", "overlap", "contiguous",
-                "hashed (h0)"):
-        t.add_column(col, justify="left" if col == "table" else "right")
+    for col in ("table", "rows x width", "d", f"d^{n}", f"γ_{n}", "overlap",
+                "contiguous push / pull", "hashed (h0) push / pull"):
+        t.add_column(col, justify="left" if col == "table" else "right", no_wrap=True)
     for name, tab in result["tables"].items():
         s = tab["summary"]
         t.add_row(name, f"{tab['num_rows']:,} x {tab['row_numel']}", f"{s['density']:.3%}",
@@ -202,7 +202,7 @@ def print_table(result: dict[str, Any], out: Path) -> None:
                   f"{s['contiguous']['push_imbalance']:.2f} / "
                   f"{s['contiguous']['pull_imbalance']:.2f}",
                   f"{s['hashed']['push_imbalance']:.2f} / {s['hashed']['pull_imbalance']:.2f}")
-    con = Console()
+    con = Console(width=max(120, Console().width))
     con.print(t)
     con.print(f"wrote {out}/analysis.json" + ("" if not (out / "trace.pt").exists()
                                                else f" and {out}/trace.pt"))

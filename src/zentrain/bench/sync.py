@@ -33,6 +33,7 @@ import os
 import platform
 import statistics
 import sys
+import textwrap
 import time
 from pathlib import Path
 from typing import Any
@@ -385,8 +386,8 @@ def plot_sweep(runs: list[dict[str, Any]], path: Path, what: str) -> None:
     ns = [r["world"] for r in runs]
     for s in runs[0]["schemes"]:
         ax.plot(ns, [r["schemes"][s]["bytes_recv_max"] / 2**20 for r in runs], "o-", label=s)
-    ax.set(xlabel="ranks n", ylabel="max MiB received per rank", yscale="log",
-           title=f"Sync bytes vs ranks ({what})", xticks=ns)
+    ax.set(xlabel="ranks n", ylabel="max MiB received per rank", yscale="log", xticks=ns)
+    ax.set_title("Sync bytes vs ranks\n" + textwrap.fill(what, 70), fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
