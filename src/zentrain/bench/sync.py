@@ -32,6 +32,7 @@ import math
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import textwrap
 import time
@@ -396,9 +397,14 @@ def plot_sweep(runs: list[dict[str, Any]], path: Path, what: str) -> None:
 
 
 def _machine() -> dict[str, Any]:
+    try:
+        commit = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=Path(
+            __file__).parent, capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
     return {"platform": platform.platform(), "processor": platform.processor() or
             platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version(),
-            "torch": torch.__version__, "backend": "gloo (loopback)",
+            "torch": torch.__version__, "backend": "gloo (loopback)", "git": commit or None,
             "loadavg": os.getloadavg() if hasattr(os, "getloadavg") else None}
 
 

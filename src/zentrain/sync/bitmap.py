@@ -79,18 +79,33 @@ class HashUniverse:
         return (self.sizes[i] + 7) // 8
 
     def encode(self, i: int, sorted_indices: torch.Tensor) -> torch.Tensor:
-        """Server ``i``'s bitmap of ``sorted_indices`` (all with h0 == i, ascending)."""
+        """Server ``i``'s bitmap of ``sorted_indices`` (all with h0 == i, ascending).
+
+        Same bytes as ``pack_bits`` of the membership mask, but O(rows + bitmap bytes):
+        each row adds its bit ``1 << (pos % 8)`` to byte ``pos // 8`` (distinct bits of a
+        byte never carry, so the sum is their OR); no ``|𝕀_i|``-long mask is built.
+        """
         uni = self.universe(i)
-        pos = torch.searchsorted(uni, sorted_indices.to(uni.dtype))
-        mask = torch.zeros(uni.numel(), dtype=torch.bool, device=uni.device)
-        mask[pos] = True
-        return pack_bits(mask)
+        pos = torch.searchsorted(uni, sorted_indices.to(uni.dtype)).to(torch.int64)
+        out = torch.zeros(self.bitmap_bytes(i), dtype=torch.int32, device=uni.device)
+        out.index_add_(0, pos >> 3, torch.ones_like(pos, dtype=torch.int32) << (pos & 7).int())
+        return out.to(torch.uint8)
 
     def decode(self, i: int, packed: torch.Tensor) -> torch.Tensor:
-        """Set bits of server ``i``'s bitmap -> indices (int64, ascending)."""
+        """Set bits of server ``i``'s bitmap -> indices (int64, ascending).
+
+        When at most a quarter of the bytes are non-zero (the bitmap's low-density end),
+        only those bytes are unpacked; otherwise unpacking every bit is cheaper.
+        """
         uni = self.universe(i)
-        mask = unpack_bits(packed, uni.numel())
-        return uni[mask].to(torch.int64)
+        packed = packed[: self.bitmap_bytes(i)].to(torch.uint8)
+        nz = torch.nonzero(packed).reshape(-1)
+        if 4 * nz.numel() > packed.numel():
+            return uni[unpack_bits(packed, uni.numel())].to(torch.int64)
+        shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
+        bits = ((packed[nz].unsqueeze(1) >> shifts) & 1).bool()
+        pos = (nz.unsqueeze(1) * 8 + shifts.to(torch.int64))[bits]  # row-major: ascending
+        return uni[pos].to(torch.int64)
 
 
 @functools.lru_cache(maxsize=16)
