@@ -179,6 +179,14 @@ def test_global_batch_must_split_over_ranks_and_micro_batches():
         build_loader(ctr_cfg(), 0, 8, True).load_state_dict(sd)
 
 
+def test_global_batch_larger_than_the_data_is_an_error():
+    from zentrain.data.corpus import DataError
+
+    with pytest.raises(DataError, match=r"--nproc 8 larger than the data allows: a global "
+                                        r"batch of 64 samples .* only 50 training samples"):
+        build_loader(ctr_cfg(synthetic_samples=50), 0, 8, True)
+
+
 def test_earlier_step_than_the_state_is_an_error():
     ld = build_loader(ctr_cfg(), 0, 1, True)
     ld.train_batch(3, 0)

@@ -84,7 +84,7 @@ def test_windows_cover_each_token_once_per_epoch(tmp_path):
 def test_bin_token_dtype_and_out_of_vocab(tmp_path):
     np.arange(40, dtype=np.uint32).tofile(tmp_path / "a.bin")
     cfg = gpt_cfg(tmp_path, [SourceConfig(path=str(tmp_path / "*.bin"), token_dtype="uint32")],
-                  eval_fraction=0.0)
+                  eval_fraction=0.0, global_batch_size=2)  # 39 tokens: 2 windows of 16 + 1
     cfg.model.vocab_size = 300
     assert build_loader(cfg, 0, 1, True).train_batch(0, 0)["idx"].max() < 40
     (tmp_path / "b.bin").write_bytes(b"\x00" * 7)

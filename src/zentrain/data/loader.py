@@ -66,6 +66,7 @@ class Loader:
         self.names = [s.name for s in self.sources]
         self.layout = batch_layout(self.kind, cfg)
         self.accum = cfg.train.grad_accum
+        self.num_workers, self.prefetch = cfg.data.num_workers, cfg.data.prefetch
         gbs = cfg.data.global_batch_size or cfg.train.batch_size * self.accum * world
         self.schedule = MixSchedule(tuple(s.config for s in self.sources))
         state = LoaderState(0, [0] * len(self.sources), gbs, [s.n_train for s in self.sources])
@@ -91,6 +92,17 @@ class Loader:
                 f"{what} = {gbs} samples cannot be split evenly over {self.world} ranks x "
                 f"{self.accum} micro-batches (train.grad_accum); use a world size and "
                 f"grad_accum whose product divides {gbs}")
+        # Any size is well defined (sources wrap into new epochs), but a step that repeats
+        # samples within itself is almost always a mistake (too many ranks for a toy corpus).
+        total = sum(s.n_train for s in self.sources)
+        if gbs > total:
+            unit = "windows" if self.kind == "text" else "samples"
+            raise DataError(
+                f"--nproc {self.world} larger than the data allows: a global batch of {gbs} "
+                f"samples ({what}; by default train.batch_size x grad_accum x ranks) but only "
+                f"{total:,} training {unit} in all sources, so every step would repeat "
+                "samples; use fewer ranks, a smaller batch, a shorter model.seq_len or more "
+                "data")
 
     @property
     def global_batch_size(self) -> int:
@@ -114,14 +126,14 @@ class Loader:
                          for s in self.sources)
         return (f"{srcs}; global batch {self.global_batch_size} samples "
                 f"({self.micro_batch_size} x {self.accum} per rank), "
-                f"{self.cfg.data.num_workers} loader workers")
+                f"{self.num_workers} loader workers")
 
     def warm_up(self) -> None:
         """Start the worker server in the background now (optional): it imports torch and the
         main module once, which otherwise delays the first ``train_batch`` by seconds. Call
         it right after ``build_loader`` in the training process to overlap that with model
         construction (not in a launcher that only validates data)."""
-        if self.cfg.data.num_workers > 0 and not mp.current_process().daemon:
+        if self.num_workers > 0 and not mp.current_process().daemon:
             from multiprocessing import forkserver
 
             _context()
@@ -147,13 +159,13 @@ class Loader:
         return {k: v[micro * mb:(micro + 1) * mb] for k, v in batch.items()}
 
     def _fetch(self, step: int) -> StepResult:
-        if self.cfg.data.num_workers == 0 or self._daemonic():
+        if self.num_workers == 0 or self._daemonic():
             res = self._build_here(step)
         else:
             if self._pool is None:
                 self._pool = WorkerPool([s.recipe for s in self.sources], self._spec(),
                                         self.planner.state_at(step), self.layout,
-                                        self.cfg.data.num_workers, self.cfg.data.prefetch,
+                                        self.num_workers, self.prefetch,
                                         self._crash_at, self.stall_timeout_s)
             pool = self._pool
             reset = self.planner.state_at(step) if step != pool.expect else None
@@ -169,7 +181,7 @@ class Loader:
         if not mp.current_process().daemon:
             return False
         if not self._warned_daemon:
-            log.warning(f"data.num_workers = {self.cfg.data.num_workers} ignored: this process "
+            log.warning(f"data.num_workers = {self.num_workers} ignored: this process "
                         "is daemonic and cannot start workers; building batches in it")
             self._warned_daemon = True
         return True
