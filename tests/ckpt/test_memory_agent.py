@@ -104,7 +104,12 @@ def test_commit_replicate_and_recover_a_lost_node_from_its_peer(cluster):
     # replicas of the other node's (m = 2 copies in all).
     for h in hs:
         assert h.status()["shards"] == [[0, 3, 0], [1, 3, 0], [2, 3, 1], [3, 3, 1]]
-        assert len(list(h.cfg.dir.iterdir())) == 4
+        files = [p.name for p in h.cfg.dir.iterdir()]
+        assert len([f for f in files if f.startswith(("own-", "from"))]) == 4
+        # Besides: the sync-window flags, and at most one dropped own shard per local rank
+        # kept for the worker's next snapshot (the zero-copy path recycles files).
+        assert "window" in files and not [f for f in files if f.startswith("fill-")]
+        assert len([f for f in files if f.startswith("free-")]) <= 2
     for ck in cks:
         step, state = ck.load_latest()
         assert step == 3 and same(state, state_for(ck.rank, 3))
@@ -131,7 +136,8 @@ WORKER = '''
 import sys, torch
 from zentrain.ckpt.memory import MemoryCheckpointer, MemoryConfig
 job, addrs, big = sys.argv[1], sys.argv[2].split(","), int(sys.argv[3])
-ck = MemoryCheckpointer(MemoryConfig(job, addrs, node=0, chunk_bytes=1 << 20), 0, 2)
+ck = MemoryCheckpointer(MemoryConfig(job, addrs, node=0, chunk_bytes=1 << 20, local=False),
+                        0, 2)
 for step in (1, 2):
     ck.save_async(step, state_for(0, step, big))
     assert ck.wait(60).ok
@@ -141,6 +147,71 @@ ck.wait(120)
 print("step 3 finished: the test should have killed this worker", flush=True)
 '''
 WORKER = "import torch\n" + inspect.getsource(state_for) + WORKER
+
+
+LOCAL_WORKER = '''
+import sys, time, torch
+from zentrain.ckpt.memory import MemoryCheckpointer, MemoryConfig
+job, addrs = sys.argv[1], sys.argv[2].split(",")
+ck = MemoryCheckpointer(MemoryConfig(job, addrs, node=0, chunk_bytes=1 << 16), 0, 2)
+assert ck._dir is not None, "the local agent's directory should be used"
+for step in (1, 2):
+    ck.save_async(step, state_for(0, step))
+    assert ck.wait(60).ok
+with ck.paused():  # the snapshot is taken, but its CRCs (and the handoff) wait
+    ck.save_async(3, state_for(0, 3))
+    print("filled", flush=True)
+    time.sleep(120)
+'''
+LOCAL_WORKER = "import torch\n" + inspect.getsource(state_for) + LOCAL_WORKER
+
+
+def test_worker_killed_before_its_local_handoff_never_commits(cluster):
+    """The zero-copy path: a worker killed after filling its file but before handing it to
+    the agent leaves a fill file nobody adopts; the step never commits, and the restarted
+    rank removes the file and loads the previous step."""
+    hs = cluster(2, local_world=1)
+    proc = subprocess.Popen([sys.executable, "-c", LOCAL_WORKER, hs[0].cfg.job,
+                             ",".join(h.addr for h in hs)], stdout=subprocess.PIPE, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    try:
+        (rank1,) = clients(hs, 1, ranks=[1])
+        save_steps([rank1], [1, 2, 3])
+        assert proc.stdout.readline().strip() == "filled"
+        assert list(hs[0].cfg.dir.glob("fill-r0-*"))
+        proc.kill()
+        proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    # Step 2's replica waited while the worker sat in its window; once the window has been
+    # open too long (the worker died inside it) the agent stops waiting for it.
+    wait_until(lambda: committed(hs) == [[2], [2]], timeout=60, what="step 2 committed")
+    time.sleep(0.5)
+    assert committed(hs) == [[2], [2]]  # never step 3
+    (restarted,) = clients(hs, 1, ranks=[0])
+    assert not list(hs[0].cfg.dir.glob("fill-r0-*")), "the dead worker's fill file is removed"
+    step, state = restarted.load_latest()
+    assert step == 2 and same(state, state_for(0, 2))
+    restarted.close()
+    rank1.close()
+
+
+def test_deferred_snapshot_is_the_state_at_save_time(cluster):
+    """With ``defer`` the copy runs in the background; once ``wait_snapshot`` returns the
+    caller may change the tensors, and the checkpoint still holds the values saved."""
+    hs = cluster(1, local_world=1)
+    (ck,) = clients(hs, 1)
+    state = state_for(0, 1, n=2_000_000)
+    want = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in state.items()}
+    st = ck.save_async(1, state, defer=True)
+    ck.wait_snapshot()
+    state["w"].add_(1.0)  # the optimizer step that follows
+    assert ck.wait(60).ok and st.copy_s > 0
+    step, got = ck.load_latest()
+    assert step == 1 and same(got, want)
+    ck.close()
 
 
 def test_worker_killed_mid_transfer_never_commits_its_torn_step(cluster):

@@ -3,10 +3,13 @@
 One agent process runs on every node, outside the training workers, so a crashed worker's
 last checkpoint is still there when torchrun restarts it (GEMINI, SOSP '23 §3). It keeps
 
-* its own node's shards: each local worker streams its rank's state for a step (``put``);
+* its own node's shards: each local worker writes its rank's state for a step into a file
+  in the agent's directory and hands it over (``adopt``: no bytes cross a socket), or
+  streams it over TCP (``put``);
 * replicas of its peers' shards, per ``Placement`` (groups of m, a ring for the rest):
-  while a shard arrives from a worker, the agent relays each verified chunk to the m-1
-  replica holders (a pipeline, so replication finishes about when the local copy does).
+  the agent relays each own shard to the m-1 replica holders, chunk by chunk as a streamed
+  shard arrives (a pipeline), and never while a local worker is in its gradient-sync window
+  (a byte per rank in the shared file ``window``; a window open over 10 s is ignored).
 
 **Two-phase commit.** A step is *prepared* on node n once all of n's ``local_world``
 shards are stored and checksum-verified locally *and* every replica holder has acked its
@@ -22,10 +25,14 @@ not a ``multiprocessing.shared_memory`` segment: Python 3.11's segments are regi
 a resource tracker that unlinks (and warns about) them when a process exits, file names
 say what they hold (``ls`` is a debugger), ``sendfile`` serves them without copies, and
 one ``rmtree`` cleans up even after the agent was SIGKILLed (``AgentHandle.kill`` does).
+A dropped own shard is renamed ``free-r{rank}-N`` (one per rank) instead of deleted, and the
+worker's next snapshot goes into it (renamed ``fill-...`` while it is written), so steady
+per-step checkpointing allocates no new pages.
 
 **Wire protocol** (TCP; plain sockets since this is not gradient traffic): each message
 is a 4-byte big-endian length and a JSON object; ``put`` and a successful ``get`` reply
-are followed by the raw payload. Every socket operation has a timeout.
+are followed by the raw payload (a ``get`` with ``local`` gets the file's path instead).
+Every socket operation has a timeout.
 
 Start one with ``python -m zentrain.ckpt.agent --node I --nodes N --peers H:P,H:P,...``,
 or from Python with ``start_agent`` / ``start_local_agents`` (what tests and a single-host
@@ -36,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import mmap
 import os
 import shutil
 import signal
@@ -53,6 +61,9 @@ from zentrain.ckpt import serialize
 from zentrain.ckpt.placement import Placement
 
 MAX_MSG = 256 << 20  # a header for a huge optimizer state is still far below this
+WINDOW_FILE = "window"
+WINDOW_BYTES = 4096
+MAX_WINDOW_WAIT_S = 10.0  # a worker that died inside its window must not stall relays forever
 
 
 class ProtocolError(RuntimeError):
@@ -222,6 +233,13 @@ class Agent:
         self.links = {p: PeerLink(self, p) for p in range(cfg.nodes) if p != cfg.node}
         shutil.rmtree(cfg.dir, ignore_errors=True)  # a previous incarnation's leftovers
         cfg.dir.mkdir(parents=True)
+        # One byte per rank, set by local workers while they are in their gradient-sync
+        # window (``MemoryCheckpointer.paused``): replica traffic waits meanwhile.
+        wpath = cfg.dir / WINDOW_FILE
+        wpath.write_bytes(bytes(WINDOW_BYTES))
+        with open(wpath, "rb") as f:
+            self.window = mmap.mmap(f.fileno(), WINDOW_BYTES, prot=mmap.PROT_READ)
+        self.window_since: float | None = None
 
     def log(self, text: str) -> None:
         print(f"[ckpt-agent {self.cfg.node}] {text}", file=sys.stderr, flush=True)
@@ -319,27 +337,71 @@ class Agent:
         if sh is None:
             send_msg(conn, {"ok": False, "error": f"no shard for rank {rank} step {step}"})
             return
+        mm = None
         try:
-            # Read and check the whole shard before answering, so a damaged copy is refused
-            # with a clear error instead of being cut off mid-stream.
-            data = bytearray(sh.nbytes)
-            view, chunk = memoryview(data), sh.header["chunk"]
-            for i, off in enumerate(range(0, sh.nbytes, chunk)):
-                n = os.preadv(fd, [view[off:off + chunk]], off)
-                if n != min(chunk, sh.nbytes - off):
-                    raise serialize.CorruptCheckpoint("stored shard is truncated")
-                serialize.verify_chunk(sh.header, i, view[off:off + n])
+            # Check the whole shard before answering, so a damaged copy is refused with a
+            # clear error instead of being cut off mid-stream (read in place: no copy).
+            if os.fstat(fd).st_size < sh.nbytes:
+                raise serialize.CorruptCheckpoint("stored shard is truncated")
+            if sh.nbytes:
+                mm = mmap.mmap(fd, sh.nbytes, prot=mmap.PROT_READ)
+                serialize.verify(sh.header, mm)
         except serialize.CorruptCheckpoint as e:
             self.log(f"rank {rank} step {step}: stored copy is damaged ({e}); dropping it")
             with self.lock:
                 if self.shards.get((rank, step)) is sh:
-                    self._drop(self.shards.pop((rank, step)))
+                    self._drop(self.shards.pop((rank, step)), discard=True)
             send_msg(conn, {"ok": False, "error": f"rank {rank} step {step}: {e}"})
             return
         finally:
             os.close(fd)
-        send_msg(conn, {"ok": True, "header": sh.header, "origin": sh.origin})
-        conn.sendall(view)
+        try:
+            if msg.get("local"):  # a worker on this node maps the file itself
+                send_msg(conn, {"ok": True, "header": sh.header, "origin": sh.origin,
+                                "path": str(sh.path)})
+                return
+            send_msg(conn, {"ok": True, "header": sh.header, "origin": sh.origin})
+            if mm is not None:
+                conn.sendall(mm)
+        finally:
+            if mm is not None:
+                mm.close()
+
+    def _op_adopt(self, conn: socket.socket, msg: dict[str, Any]) -> None:
+        """A local worker wrote its shard into a file in this agent's directory (the
+        zero-copy path of ``MemoryCheckpointer``): take it over as a stored shard. The
+        worker computed the CRCs from the same memory; ``get`` and every replica holder
+        check them."""
+        rank, step = int(msg["rank"]), int(msg["step"])
+        header = msg["header"]
+        src = self.cfg.dir / str(msg["file"])
+        try:
+            serialize.check_header(header)
+            if src.parent != self.cfg.dir or not src.name.startswith("fill-"):
+                raise ProtocolError(f"adopt: {msg['file']!r} is not a fill file of this agent")
+            fd = os.open(src, os.O_RDWR)
+        except (serialize.CorruptCheckpoint, ProtocolError, OSError) as e:
+            send_msg(conn, {"ok": False, "error": f"rank {rank} step {step}: {e}"})
+            return
+        if os.fstat(fd).st_size != header["nbytes"]:
+            os.close(fd)
+            send_msg(conn, {"ok": False, "error": f"rank {rank} step {step}: file size "
+                            "differs from the header"})
+            return
+        with self.lock:
+            sh = Shard(rank, step, self.cfg.node, header, self.cfg.dir / f"own-r{rank}-s{step}")
+            sh.fd, sh.received, sh.done = fd, header["nbytes"], True
+            old = self.shards.pop((rank, step), None)
+            if old is not None:  # a restarted worker re-saving a step: the new copy wins
+                self._drop(old)
+            os.rename(src, sh.path)
+            self.shards[(rank, step)] = sh
+            for p in self.placement.replicas_of(self.cfg.node):
+                self.links[p].submit(("replicate", sh))
+            self.local_done.setdefault(step, set()).add(rank)
+            self._maybe_prepare(step)
+            self._gc()
+        send_msg(conn, {"ok": True})
 
     def _op_put(self, conn: socket.socket, msg: dict[str, Any]) -> bool:
         rank, step = int(msg["rank"]), int(msg["step"])
@@ -455,14 +517,42 @@ class Agent:
                 del book[step]
         self.sent_prepared = {s for s in self.sent_prepared if s >= floor}
 
-    def _drop(self, sh: Shard, path: Path | None = None) -> None:
+    def _drop(self, sh: Shard, path: Path | None = None, discard: bool = False) -> None:
         if sh.fd >= 0:
             os.close(sh.fd)
             sh.fd = -1
+        target = path or sh.path
         try:
-            os.unlink(path or sh.path)
+            if path is None and not discard and sh.done and sh.origin == self.cfg.node \
+                    and not any(
+                    self.cfg.dir.glob(f"free-r{sh.rank}-*")):
+                # Keep one dropped own shard per rank as the worker's next fill file:
+                # its pages are already allocated, so the next snapshot faults none.
+                self.seq += 1
+                os.rename(target, self.cfg.dir / f"free-r{sh.rank}-{self.seq}")
+            else:
+                os.unlink(target)
         except FileNotFoundError:
             pass
+
+    def window_open(self) -> bool:
+        """True while some local worker is in its gradient-sync window."""
+        return self.window.find(b"\x01") >= 0
+
+    def wait_window(self) -> None:
+        """Wait while a local worker is in its sync window. A window open for longer than
+        ``MAX_WINDOW_WAIT_S`` is ignored until it closes (its worker may have died inside)."""
+        if not self.window_open():
+            self.window_since = None
+            return
+        now = time.monotonic()
+        if self.window_since is None:
+            self.window_since = now
+        while self.window_open() and not self.stopping.is_set():
+            if time.monotonic() - self.window_since > MAX_WINDOW_WAIT_S:
+                return
+            time.sleep(0.002)
+        self.window_since = None
 
 
 class PeerLink(threading.Thread):
@@ -522,6 +612,7 @@ class PeerLink(threading.Thread):
                 n = min(chunk, sh.nbytes - off)
                 if not sh.wait_for(off + n, a.cfg.timeout_s):
                     return  # the source broke off: hanging up discards the peer's copy
+                a.wait_window()
                 a.throttle(n)
                 if a.stopping.is_set():
                     return
@@ -646,9 +737,8 @@ class AgentHandle:
         shutil.rmtree(self.cfg.dir, ignore_errors=True)
 
 
-def start_agent(cfg: AgentConfig, listener: socket.socket | None = None) -> AgentHandle:
-    """Start an agent process. With ``listener`` (a bound, listening socket) the child
-    inherits it, so no port is ever released and re-bound (no free-port race)."""
+def agent_argv(cfg: AgentConfig, listen_fd: int | None = None) -> list[str]:
+    """The command line that runs an agent for ``cfg`` (through the torch-free stub)."""
     pkg = str(Path(__file__).resolve().parents[1])
     args = [sys.executable, "-c", _BOOT, pkg, "--node", str(cfg.node), "--nodes",
             str(cfg.nodes), "--peers", ",".join(cfg.peers), "--local-world",
@@ -658,11 +748,17 @@ def start_agent(cfg: AgentConfig, listener: socket.socket | None = None) -> Agen
             "--timeout-s", str(cfg.timeout_s)]
     if not cfg.exit_with_parent:
         args.append("--no-exit-with-parent")
-    fds: tuple[int, ...] = ()
-    if listener is not None:
-        fds = (listener.fileno(),)
-        args += ["--listen-fd", str(listener.fileno())]
-    proc = subprocess.Popen(args, pass_fds=fds, stdin=subprocess.DEVNULL)
+    if listen_fd is not None:
+        args += ["--listen-fd", str(listen_fd)]
+    return args
+
+
+def start_agent(cfg: AgentConfig, listener: socket.socket | None = None) -> AgentHandle:
+    """Start an agent process. With ``listener`` (a bound, listening socket) the child
+    inherits it, so no port is ever released and re-bound (no free-port race)."""
+    fd = listener.fileno() if listener is not None else None
+    proc = subprocess.Popen(agent_argv(cfg, fd), pass_fds=() if fd is None else (fd,),
+                            stdin=subprocess.DEVNULL)
     return AgentHandle(cfg, proc)
 
 

@@ -1,12 +1,16 @@
 """Worker side of in-memory checkpointing: snapshot in the step, ship in the background.
 
 ``save_async(step, state)`` does the one thing that must happen in the training thread —
-copy every tensor into a reused staging buffer (pinned, asynchronous copies on a GPU), so
-training may change them again — and hands the bytes to a background thread, which
-computes per-chunk CRCs and streams the chunks to this node's agent (CheckFreq's
-snapshot/persist split; GEMINI §5 for chunking). The background thread waits between
-chunks while the training thread is inside ``paused()`` (wrap the gradient-sync window
-in it) and keeps under ``send_bytes_per_s``. At most one save is in flight: a second
+copy every tensor into a buffer (pinned, asynchronous copies on a GPU), so training may
+change them again — and hands the bytes to a background thread (CheckFreq's
+snapshot/persist split; GEMINI §5 for chunking). On a CPU the buffer is a file in the local
+agent's tmpfs directory, mapped shared (usually a shard the agent dropped, pages already
+allocated): the background thread computes the per-chunk CRCs and tells the agent to adopt
+the file, so the snapshot copy is the only copy of the bytes on this node. Otherwise (a GPU
+staging buffer, or an agent not visible here) it streams the chunks to the agent over TCP,
+under ``send_bytes_per_s``. Either way the background thread waits between chunks while
+the training thread is inside ``paused()`` (wrap the gradient-sync window in it), which
+also holds the agent's replica relays. At most one save is in flight: a second
 ``save_async`` first waits for the previous one, and that wait is reported as
 ``blocked_s``.
 
@@ -20,12 +24,17 @@ from __future__ import annotations
 
 import collections
 import math
+import mmap
+import os
 import sys
 import threading
 import time
+import warnings
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -33,6 +42,8 @@ import torch.distributed as dist
 
 from zentrain.ckpt import serialize
 from zentrain.ckpt.agent import (
+    WINDOW_BYTES,
+    WINDOW_FILE,
     ProtocolError,
     Throttle,
     connect,
@@ -62,6 +73,10 @@ class MemoryConfig:
     """Throttle for the worker→agent stream (0: unthrottled); read at every chunk."""
     timeout_s: float = 30.0
     """Timeout of every socket operation."""
+    local: bool = True
+    """When this node's agent directory is visible here (it always is on a node), snapshot
+    straight into a file there and hand it over (``adopt``), and read it back in place on
+    load: no bytes cross a socket on this node."""
 
 
 @dataclass
@@ -73,7 +88,12 @@ class SaveStats:
     blocked_s: float
     """Training thread waited for the previous save to finish."""
     snapshot_s: float
-    """Training thread flattened the state and copied it into the staging buffer."""
+    """Training thread flattened the state and copied it into the staging buffer (with
+    ``defer``: flattened it only)."""
+    copy_s: float = 0.0
+    """Background thread copied the state (``defer``)."""
+    barrier_s: float = 0.0
+    """Training thread waited in ``wait_snapshot`` for the deferred copy."""
     background_s: float = 0.0
     """Background thread: CRCs and transfer, pauses included."""
     paused_s: float = 0.0
@@ -101,44 +121,98 @@ class MemoryCheckpointer:
         self._buf: torch.Tensor | None = None
         self._sig: tuple[Any, ...] | None = None
         self._cv = threading.Condition()
-        self._job: tuple[serialize.Flat, Any, SaveStats] | None = None
+        self._job: tuple[serialize.Flat, Any, SaveStats, bool] | None = None
+        self._copied = threading.Event()  # the deferred snapshot copy is done
+        self._copied.set()
+        self._current: SaveStats | None = None
         self._busy = False
         self._closed = False
         self._failing = False
         self._clear = threading.Event()
         self._clear.set()
+        self._dir: Path | None = None      # the local agent's directory (zero-copy path)
+        self._window: mmap.mmap | None = None
+        self._fill: tuple[str, mmap.mmap] | None = None
+        self._nfill = 0
+        if cfg.local:
+            self._open_local()
         self._thread = threading.Thread(target=self._loop, daemon=True,
                                         name=f"memckpt-{rank}")
         self._thread.start()
 
+    def _open_local(self) -> None:
+        try:
+            reply = request(self.cfg.agents[self.cfg.node], {"op": "ping", "job": self.cfg.job},
+                            min(self.cfg.timeout_s, 5.0))
+            d = Path(reply["dir"])
+            with open(d / WINDOW_FILE, "r+b") as f:
+                self._window = mmap.mmap(f.fileno(), WINDOW_BYTES)
+            self._window[self.rank % WINDOW_BYTES] = 0  # a killed predecessor's flag
+        except (OSError, ProtocolError, KeyError):
+            return  # agent down or not on this host: stream over TCP
+        for old in d.glob(f"fill-r{self.rank}-*"):  # a killed predecessor's half-written file
+            old.unlink(missing_ok=True)
+        self._dir = d
+
     # -- saving ------------------------------------------------------------------------------
-    def save_async(self, step: int, state: Any) -> SaveStats:
+    def save_async(self, step: int, state: Any, defer: bool = False) -> SaveStats:
         """Snapshot ``state`` for ``step`` and send it in the background.
 
         Call it after the optimizer step, before the next forward: the transfer then
         overlaps forward/backward. Returns the (still filling) stats of this save.
+
+        With ``defer`` (CPU tensors only) even the copy happens in the background, while
+        the next forward and backward run (CheckFreq: a snapshot only has to be complete
+        before the next update). The caller promises not to modify any tensor in ``state``
+        before ``wait_snapshot()`` returns — call it before the optimizer step (the
+        trainer's checkpoint manager does so from an optimizer pre-hook).
         """
         t0 = time.perf_counter()
         self.wait()
         t1 = time.perf_counter()
         flat = serialize.flatten(state)
         cuda = any(t.is_cuda for t in flat.tensors)
-        if flat.signature != self._sig or self._buf is None:
+        fill = self._claim_fill(flat.nbytes) if self._dir is not None and not cuda else None
+        if fill is not None:
+            self._buf = None
+            self._buf = torch.frombuffer(fill[1], dtype=torch.uint8) if flat.nbytes else \
+                serialize.new_buffer(0)
+            self._sig = None
+        elif flat.signature != self._sig or self._buf is None:
             self._buf = None  # free the old buffer first
             self._buf = serialize.new_buffer(flat.nbytes, pin=cuda)
             self._sig = flat.signature
-        serialize.pack_into(flat, self._buf, non_blocking=cuda)
+        defer = defer and not cuda
+        if not defer:
+            serialize.pack_into(flat, self._buf, non_blocking=cuda)
+        self._fill = fill
         event = None
         if cuda:  # later kernels on this stream run after the copies: no sync needed here
             event = torch.cuda.Event()
             event.record()
         st = SaveStats(step, flat.nbytes, blocked_s=t1 - t0,
                        snapshot_s=time.perf_counter() - t1)
-        light = serialize.Flat(flat.tree, [], flat.specs, flat.nbytes)  # no live tensors
+        if not defer:
+            flat = serialize.Flat(flat.tree, [], flat.specs, flat.nbytes)  # no live tensors
+        else:
+            self._copied.clear()
+        self._current = st
         with self._cv:
-            self._job, self._busy = (light, event, st), True
+            self._job, self._busy = (flat, event, st, defer), True
             self._cv.notify_all()
         return st
+
+    def wait_snapshot(self) -> float:
+        """Block until a deferred snapshot copy is done (the state may change after);
+        returns the seconds waited."""
+        if self._copied.is_set():
+            return 0.0
+        t0 = time.perf_counter()
+        self._copied.wait()
+        waited = time.perf_counter() - t0
+        if self._current is not None:
+            self._current.barrier_s += waited
+        return waited
 
     def wait(self, timeout: float | None = None) -> SaveStats | None:
         """Wait for the save in flight; returns the stats of the newest finished save."""
@@ -159,12 +233,48 @@ class MemoryCheckpointer:
 
     @contextmanager
     def paused(self) -> Iterator[None]:
-        """Hold checkpoint traffic while the block runs (e.g. backward + gradient sync)."""
+        """Hold checkpoint traffic while the block runs (e.g. backward + gradient sync):
+        this worker's stream, and the local agent's replica relays (a byte in a shared
+        file tells the agent)."""
         self._clear.clear()
+        w, i = self._window, self.rank % WINDOW_BYTES
+        if w is not None:
+            w[i] = 1
         try:
             yield
         finally:
+            if w is not None:
+                w[i] = 0
             self._clear.set()
+
+    def _claim_fill(self, nbytes: int) -> tuple[str, mmap.mmap] | None:
+        """A file in the agent's directory to snapshot into: a shard the agent dropped
+        (its pages are already allocated), else a new one. Mapped shared."""
+        assert self._dir is not None
+        self._nfill += 1
+        name = f"fill-r{self.rank}-{os.getpid()}-{self._nfill}"
+        path = self._dir / name
+        try:
+            for free in sorted(self._dir.glob(f"free-r{self.rank}-*")):
+                try:
+                    os.rename(free, path)  # atomic: the agent never touches it again
+                    break
+                except FileNotFoundError:
+                    continue
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                if os.fstat(fd).st_size != nbytes:
+                    os.ftruncate(fd, nbytes)
+                mm = mmap.mmap(fd, max(nbytes, 1))
+            finally:
+                os.close(fd)
+        except OSError as e:  # agent gone (directory removed), tmpfs full: use TCP
+            path.unlink(missing_ok=True)
+            print(f"[zentrain ckpt rank {self.rank}] local handoff unavailable ({e}); "
+                  "streaming to the agent instead", file=sys.stderr, flush=True)
+            self._dir = None
+            return None
+        return name, mm
 
     def _loop(self) -> None:
         while True:
@@ -172,14 +282,25 @@ class MemoryCheckpointer:
                 self._cv.wait_for(lambda: self._job is not None or self._closed)
                 if self._job is None:
                     return
-                (flat, event, st), self._job = self._job, None
+                (flat, event, st, defer), self._job = self._job, None
             t0 = time.perf_counter()
             try:
+                if defer:
+                    try:
+                        assert self._buf is not None
+                        serialize.pack_into(flat, self._buf)
+                        st.copy_s = time.perf_counter() - t0
+                    finally:
+                        flat = serialize.Flat(flat.tree, [], flat.specs, flat.nbytes)
+                        self._copied.set()
                 if event is not None:
                     event.synchronize()
-                self._send(flat, st)
+                if self._fill is not None:
+                    self._adopt(flat, st, *self._fill)
+                else:
+                    self._send(flat, st)
                 st.ok = True
-            except (OSError, ProtocolError, TimeoutError) as e:
+            except Exception as e:  # noqa: BLE001 - reported; training must go on
                 st.error = f"{type(e).__name__}: {e}"
             st.background_s = time.perf_counter() - t0
             self._report(st)
@@ -208,6 +329,28 @@ class MemoryCheckpointer:
             reply = recv_msg(s)
         if not reply.get("ok"):
             raise ProtocolError(reply.get("error", "agent refused the checkpoint"))
+
+    def _adopt(self, flat: serialize.Flat, st: SaveStats, name: str, mm: mmap.mmap) -> None:
+        """Zero-copy path: CRCs over the filled file, then the agent takes it over."""
+        cfg, chunk = self.cfg, self.cfg.chunk_bytes
+        try:
+            data = memoryview(mm)[:flat.nbytes]
+            crcs = []
+            for off in range(0, flat.nbytes, chunk):  # chunk by chunk, pausing like _send
+                if not self._clear.is_set():
+                    tp = time.perf_counter()
+                    self._clear.wait(cfg.timeout_s)
+                    st.paused_s += time.perf_counter() - tp
+                crcs.append(zlib.crc32(data[off:off + chunk]))
+            data.release()
+            header = serialize.make_header(flat, crcs, chunk)
+            request(cfg.agents[cfg.node], {"op": "adopt", "job": cfg.job, "rank": self.rank,
+                                           "step": st.step, "header": header, "file": name},
+                    cfg.timeout_s)
+        except BaseException:
+            assert self._dir is not None
+            (self._dir / name).unlink(missing_ok=True)
+            raise
 
     def _report(self, st: SaveStats) -> None:
         # One line when saving starts failing and one when it works again, not one per step.
@@ -247,13 +390,32 @@ class MemoryCheckpointer:
         return None
 
     def _get(self, addr: str, step: int) -> Any:
+        local = self._dir is not None and addr == self.cfg.agents[self.cfg.node]
         with connect(addr, self.cfg.timeout_s) as s:
-            send_msg(s, {"op": "get", "job": self.cfg.job, "rank": self.rank, "step": step})
+            send_msg(s, {"op": "get", "job": self.cfg.job, "rank": self.rank, "step": step,
+                         "local": local})
             reply = recv_msg(s)
             if not reply.get("ok"):
                 raise ProtocolError(reply.get("error", "no such checkpoint"))
             h = reply["header"]
             serialize.check_header(h)
+            if local:  # read the agent's file in place: one CRC pass, one copy out
+                path = Path(reply["path"])
+                if path.parent != self._dir:
+                    raise ProtocolError(f"agent answered with a file outside {self._dir}")
+                with open(path, "rb") as f:
+                    if os.fstat(f.fileno()).st_size != h["nbytes"]:
+                        raise serialize.CorruptCheckpoint("stored shard has the wrong size")
+                    if not h["nbytes"]:
+                        return serialize.unflatten(h, serialize.new_buffer(0))
+                    mm = mmap.mmap(f.fileno(), h["nbytes"], prot=mmap.PROT_READ)
+                # Checked again here (the agent checked it too), then copied out: the
+                # result owns its tensors and the mapping goes when ``mm`` does.
+                serialize.verify(h, mm)
+                with warnings.catch_warnings():  # read-only: we only copy out of it
+                    warnings.simplefilter("ignore", UserWarning)
+                    buf = torch.frombuffer(mm, dtype=torch.uint8)
+                return serialize.unflatten(h, buf)
             buf = torch.empty(h["nbytes"], dtype=torch.uint8)
             recv_exact(s, memoryview(buf.numpy()))
         serialize.verify(h, buf.numpy())
