@@ -6,10 +6,17 @@ every rank has finished does rank 0 rename it and update ``latest`` (atomic rena
 crash mid-save never leaves a checkpoint that ``--resume`` would load; the previous one
 stays. DCP loads into the live state dicts in place (no pickle of arbitrary objects), and a
 checkpoint saved at one world size loads at another since the model is replicated.
+
+Loading never unpickles arbitrary objects: DCP stores tensors raw and other values with
+``torch.save`` (read back with ``weights_only=True``), but its ``.metadata`` file is a plain
+pickle, which ``FileSystemReader`` loads with ``pickle.load``. ``SafeReader`` reads it with
+an unpickler that resolves only DCP's own metadata classes, ``torch.Size``, dtypes and
+layouts, so a crafted checkpoint cannot run code (``test_recovery.py`` checks this).
 """
 
 from __future__ import annotations
 
+import pickle
 import shutil
 from pathlib import Path
 from typing import Any
@@ -18,7 +25,51 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+_MD = "torch.distributed.checkpoint.metadata"
+_ALLOWED = {(_MD, n) for n in ("Metadata", "TensorStorageMetadata", "TensorProperties",
+                               "ChunkStorageMetadata", "BytesStorageMetadata", "MetadataIndex",
+                               "StorageMeta", "_MEM_FORMAT_ENCODING")} | {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+    ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
+    ("pathlib", "PosixPath")}  # StorageMeta.checkpoint_id when saved with a Path
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _ALLOWED or (
+                module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"checkpoint metadata refers to {module}.{name}, which a "
+                                     "checkpoint never needs; refusing to load it")
+
+
+class SafeReader(FileSystemReader):
+    """``FileSystemReader`` whose metadata is unpickled against an allow-list."""
+
+    refused: pickle.UnpicklingError | None = None
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        rank = kwargs.get("rank")
+        if rank is not None and self.refused is not None:
+            # DCP falls back to per-rank metadata when the global file fails to load;
+            # don't let that hide why it failed.
+            raise self.refused
+        try:
+            with self.fs.create_stream(self._get_metadata_path(rank), "rb") as f:
+                metadata = _MetadataUnpickler(f).load()
+        except pickle.UnpicklingError as e:
+            self.refused = e
+            raise
+        if not isinstance(metadata, Metadata):
+            raise pickle.UnpicklingError("checkpoint metadata is not a DCP Metadata object")
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
 
 
 def _dir(run_dir: Path) -> Path:
@@ -80,7 +131,13 @@ def load(run_dir: Path, model: nn.Module, optim: torch.optim.Optimizer,
     if step is None:
         return None
     state = _app_state(model, optim, extra)
-    dcp.load(state, checkpoint_id=str(_dir(run_dir) / f"step_{step:06d}"))
+    reader = SafeReader(_dir(run_dir) / f"step_{step:06d}")
+    try:
+        dcp.load(state, storage_reader=reader)
+    except Exception as e:
+        if reader.refused is not None:  # DCP wraps it in a CheckpointException
+            raise reader.refused from e
+        raise
     set_state_dict(model, optim, model_state_dict=state["model"],
                    optim_state_dict=state["optim"])
     extra.update(state["extra"])
