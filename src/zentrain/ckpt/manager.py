@@ -1,0 +1,364 @@
+"""The trainer's checkpointing: in memory every step (GEMINI), persistent every K steps.
+
+``CheckpointManager`` is all the trainer calls (``train.py``)::
+
+    ckpt = CheckpointManager(cfg, run_dir, dist_info)   # after the model and optimizer exist
+    ckpt.restore(trainer)            # memory (own agent → replica) → persistent → from scratch
+    with ckpt.sync_window():         # backward + gradient sync: checkpoint traffic waits
+        loss.backward()
+    row.update(ckpt.after_step(trainer))   # snapshot for the agent; DCP save every K steps
+    summary.update(ckpt.finish(trainer))   # final persistent save; parameter digest
+
+**In memory** (``checkpoint.memory_every``, default every step): active when the launcher
+started checkpoint agents and exported ``ZENTRAIN_CKPT_AGENTS`` (``host:port`` of every
+node's agent), ``ZENTRAIN_CKPT_JOB`` and ``ZENTRAIN_CKPT_NODE``; otherwise (plain torchrun,
+benchmarks) it is off and costs nothing. Each rank's state is model + optimizer + step,
+plus the loader and gradient-sync state where those have a ``state_dict``.
+
+**Persistent** (``checkpoint.every`` K, and at the end): ``torch.distributed.checkpoint``
+``async_save`` on a gloo group of its own (on the default group it deadlocks against the
+training collectives, see notes/torch-cpu.md), into ``step_N.tmp``; when rank 0's future
+completes every rank's data is written (DCP gathers the write results before rank 0 writes
+the metadata), so rank 0 renames it to ``step_N`` and updates ``latest`` — the commit
+protocol of ``zentrain.ckpt.persistent``, whose ``load`` reads these (also at another world
+size). Each committed directory gets a ``zentrain.json`` naming the job, so a restarted
+worker never mistakes an older run's checkpoint in the same directory for its own.
+
+**Restore order** (GEMINI §3): the newest step committed on every rank from this node's
+agent, else a peer's replica, else the persistent checkpoint (after a restart, or with
+``--resume``), else step 0. Falling back past the agents resets them, so the abandoned,
+newer timeline can never be restored later. Every path loads without pickle: agents'
+checkpoints are JSON + raw bytes (``serialize``), DCP loads tensors in place.
+
+Timestamps for recovery analysis go to ``RUN_DIR/recovery.jsonl`` (a row per rank and
+start: where it restored from, when the process started, was built, had loaded) and each worker writes ``RUN_DIR/pids/rank{R}.json`` (pid, node, restart count),
+which ``zentrain chaos`` uses to pick its victims.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+
+from zentrain.ckpt import persistent
+from zentrain.ckpt.memory import MemoryCheckpointer, MemoryConfig
+from zentrain.config import Config
+
+if TYPE_CHECKING:
+    from zentrain.train import Dist, Trainer
+
+ENV_AGENTS = "ZENTRAIN_CKPT_AGENTS"
+ENV_JOB = "ZENTRAIN_CKPT_JOB"
+ENV_NODE = "ZENTRAIN_CKPT_NODE"
+MARKER = "zentrain.json"
+
+_T_IMPORTED = time.time()  # train.py imports this module last: ≈ "imports done"
+
+
+def process_start_time() -> float:
+    """Wall-clock time this process was created (from /proc, 10 ms resolution), so a
+    restart's timeline starts at the exec, not when Python got around to reading a clock."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        started = int(fields[19]) / os.sysconf("SC_CLK_TCK")
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return time.time() - (uptime - started)
+    except (OSError, ValueError, IndexError):
+        return _T_IMPORTED
+
+
+def state_digest(state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over names, dtypes, shapes and bytes of a state dict, in key order."""
+    h = hashlib.sha256()
+    for k, v in state.items():
+        t = v.detach().cpu().contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+class CheckpointManager:
+    """One per worker; see the module docstring for the calls and the order."""
+
+    def __init__(self, cfg: Config, run_dir: Path, d: Dist,
+                 env: dict[str, str] | os._Environ[str] = os.environ) -> None:
+        self.cfg, self.ck, self.run_dir, self.d = cfg, cfg.checkpoint, Path(run_dir), d
+        self.job = env.get(ENV_JOB) or env.get("TORCHELASTIC_RUN_ID") or "local"
+        self.restart = int(env.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+        self.node = int(env.get(ENV_NODE, "0") or 0)
+        self.t_init = time.time()
+        self.mem: MemoryCheckpointer | None = None
+        agents = env.get(ENV_AGENTS, "")
+        if self.ck.memory_every > 0 and agents:
+            mc = MemoryConfig(job=self.job, agents=agents.split(","), node=self.node,
+                              m=self.ck.replicas, send_bytes_per_s=self.ck.memory_bytes_per_s)
+            self.mem = MemoryCheckpointer(mc, d.rank, d.world_size)
+        # DCP async_save needs a group of its own (see the module docstring). new_group is
+        # collective, so every rank creates it here, in the same order.
+        self._pg = None
+        if d.world_size > 1 and self.ck.async_persistent:
+            self._pg = dist.new_group(backend="gloo")
+        self._pending: tuple[Any, int] | None = None   # (future, step) of an async save
+        self.saved_step: int | None = None              # newest persistent save started
+        self.restored: dict[str, Any] = {}
+        self._costs: list[tuple[float, float]] = []
+        self._hooked = False
+        self._write_pid()
+
+    # -- restore -------------------------------------------------------------------------------
+    def restore(self, tr: Trainer) -> int | None:
+        """Load the newest usable checkpoint into the trainer; returns its step, or None when
+        nothing newer than what the trainer holds was found. Collective: every rank calls it.
+
+        Called after the trainer's own ``--resume`` load (``checkpoint.resume``), so after a
+        restart of a resumed run a newer in-memory checkpoint still wins."""
+        t0 = time.time()
+        step, source = None, "none"
+        # Workers of a replacement node start with restart count 0: agree on "restarted"
+        # (every rank must take the same, collective, load path).
+        restarted = self._max_over_ranks(self.restart) > 0
+        if self.mem is not None:
+            got = self.mem.load_latest()
+            if got is not None:
+                step, state = got
+                self._load(tr, state)
+                src = self.mem.last_load_source
+                source = "memory" if src == self.node else f"memory-peer{src}"
+        if step is None and self.ck.resume:
+            source = "persistent"  # the trainer loaded it already
+        elif step is None and restarted:
+            step = self._load_persistent(tr)
+            if step is not None:
+                source = "persistent"
+        if self.mem is not None and not source.startswith("memory") and restarted:
+            # The agents may hold steps newer than what we resume from (all damaged, or
+            # lost with a node): forget them so that timeline is never restored.
+            if self.d.rank == 0:
+                self.mem.reset_agents()
+            if self.d.world_size > 1:
+                dist.barrier()
+        if step is not None:
+            tr.step = step
+        self.restored = {"rank": self.d.rank, "restart": self.restart, "step": tr.step,
+                         "source": source,
+                         "pid": os.getpid(), "t_proc_start": process_start_time(),
+                         "t_imported": _T_IMPORTED, "t_init": self.t_init,
+                         "t_restore_start": t0, "t_restored": time.time()}
+        self._append("recovery.jsonl", self.restored)  # one short line per rank
+        return step
+
+    def _max_over_ranks(self, value: int) -> int:
+        if self.d.world_size == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.int64, device=self.d.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item())
+
+    def _load(self, tr: Trainer, state: dict[str, Any]) -> None:
+        tr.model.load_state_dict(state["model"])
+        tr.optim.load_state_dict(state["optim"])
+        tr.step = int(state["step"])
+        if "data" in state and hasattr(tr.data, "load_state_dict"):
+            tr.data.load_state_dict(state["data"])
+        sync = getattr(tr.dp, "grad_sync", None)
+        if "sync" in state and hasattr(sync, "load_state_dict"):
+            sync.load_state_dict(state["sync"])
+
+    def _load_persistent(self, tr: Trainer) -> int | None:
+        step = persistent.latest_step(self.run_dir)
+        if step is None:
+            return None
+        if not self.ck.resume:  # a restart: only this job's own checkpoints
+            marker = persistent._dir(self.run_dir) / f"step_{step:06d}" / MARKER
+            try:
+                if json.loads(marker.read_text()).get("job") != self.job:
+                    return None
+            except (OSError, ValueError):
+                return None
+        extra = self._extra(tr)
+        try:
+            got = persistent.load(self.run_dir, tr.model, tr.optim, extra)
+        except (RuntimeError, KeyError, ValueError) as e:
+            if "data" not in extra:
+                raise
+            # A checkpoint written without loader state (older, or another data config).
+            print(f"[zentrain ckpt] persistent checkpoint has no loader state ({e}); loading "
+                  "model and optimizer only", file=sys.stderr, flush=True)
+            extra = {"step": torch.tensor(0)}
+            got = persistent.load(self.run_dir, tr.model, tr.optim, extra)
+        if got is None:
+            return None
+        if "data" in extra and hasattr(tr.data, "load_state_dict"):
+            tr.data.load_state_dict(extra["data"])
+        return int(extra["step"])
+
+    # -- per step ------------------------------------------------------------------------------
+    @contextmanager
+    def sync_window(self) -> Iterator[None]:
+        """Wrap backward + gradient sync: in-memory checkpoint traffic waits meanwhile."""
+        if self.mem is None or not self.ck.pause_in_sync:
+            with nullcontext():
+                yield
+            return
+        with self.mem.paused():
+            yield
+
+    def after_step(self, tr: Trainer) -> dict[str, Any]:
+        """Call right after the optimizer step (``tr.step`` already counts it). Returns
+        fields for the metrics row."""
+        out: dict[str, Any] = {}
+        if self.mem is not None and tr.step % self.ck.memory_every == 0:
+            defer = self._can_defer(tr)
+            st = self.mem.save_async(tr.step, self._state(tr), defer=defer)
+            self._costs.append((st.blocked_s, st.snapshot_s))
+            out.update(ckpt_blocked_s=st.blocked_s, ckpt_snapshot_s=st.snapshot_s)
+            prev = self.mem.history[-1] if self.mem.history else None
+            if prev is not None:  # the previous save, finished by now or earlier
+                out.update(ckpt_barrier_s=prev.barrier_s, ckpt_copy_s=prev.copy_s,
+                           ckpt_send_s=prev.background_s - prev.paused_s - prev.copy_s,
+                           ckpt_paused_s=prev.paused_s, ckpt_bytes=prev.nbytes,
+                           ckpt_ok=prev.ok)
+        if self.ck.every and tr.step % self.ck.every == 0:
+            out["persist_blocked_s"] = self.save_persistent(tr)
+        self._poll()
+        out["time"] = time.time()
+        return out
+
+    def _can_defer(self, tr: Trainer) -> bool:
+        """Copy the snapshot in the background, during the next forward and backward? Only
+        if nothing in the state changes before the next optimizer step: true when every
+        model entry is a parameter (a BatchNorm's running stats change in forward). The
+        optimizer waits for the copy through a pre-hook."""
+        if not self._hooked:
+            params = {p.data_ptr() for p in tr.model.parameters()}
+            self._defer_ok = all(t.data_ptr() in params
+                                 for t in tr.model.state_dict().values())
+            mem = self.mem
+
+            def before_update(*_: Any) -> None:
+                if mem is not None:
+                    mem.wait_snapshot()
+
+            tr.optim.register_step_pre_hook(before_update)
+            self._hooked = True
+        return self._defer_ok
+
+    def _state(self, tr: Trainer) -> dict[str, Any]:
+        state: dict[str, Any] = {"model": tr.model.state_dict(), "optim": tr.optim.state_dict(),
+                                 "step": tr.step}
+        if hasattr(tr.data, "state_dict"):
+            state["data"] = tr.data.state_dict()
+        sync = getattr(tr.dp, "grad_sync", None)
+        if hasattr(sync, "state_dict"):
+            state["sync"] = sync.state_dict()
+        return state
+
+    def _extra(self, tr: Trainer) -> dict[str, Any]:
+        extra: dict[str, Any] = {"step": torch.tensor(tr.step)}
+        if hasattr(tr.data, "state_dict"):
+            extra["data"] = tr.data.state_dict()
+        return extra
+
+    # -- persistent ----------------------------------------------------------------------------
+    def save_persistent(self, tr: Trainer) -> float:
+        """Start (async) or do (blocking) a persistent save of the current step; returns the
+        seconds the training thread spent. Collective."""
+        t0 = time.perf_counter()
+        self._wait()  # at most one save in flight (the DCP advice)
+        step, root = tr.step, persistent._dir(self.run_dir)
+        tmp = root / f"step_{step:06d}.tmp"
+        if self.d.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            root.mkdir(parents=True, exist_ok=True)
+        if self.d.world_size > 1:
+            dist.barrier(group=self._pg)
+        state = persistent._app_state(tr.model, tr.optim, self._extra(tr))
+        if self.ck.async_persistent:
+            self._pending = (dcp.async_save(state, checkpoint_id=str(tmp),
+                                            process_group=self._pg), step)
+        else:
+            dcp.save(state, checkpoint_id=str(tmp), process_group=self._pg)
+            self._commit(step)
+        self.saved_step = step
+        return time.perf_counter() - t0
+
+    def _poll(self) -> None:
+        if self._pending is not None and self._pending[0].done():
+            self._wait()
+
+    def _wait(self) -> None:
+        if self._pending is None:
+            return
+        fut, step = self._pending
+        self._pending = None
+        fut.result()  # raises if the save failed: nothing is committed then
+        self._commit(step)
+
+    def _commit(self, step: int, keep: int = 2) -> None:
+        if self.d.rank != 0:
+            return
+        root = persistent._dir(self.run_dir)
+        tmp, final = root / f"step_{step:06d}.tmp", root / f"step_{step:06d}"
+        (tmp / MARKER).write_text(json.dumps({"job": self.job, "step": step,
+                                              "world_size": self.d.world_size}))
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        (root / "latest.tmp").write_text(str(step))
+        (root / "latest.tmp").rename(root / "latest")
+        done = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
+        for p in done[:-keep]:
+            shutil.rmtree(p, ignore_errors=True)
+
+    # -- the end -------------------------------------------------------------------------------
+    def finish(self, tr: Trainer) -> dict[str, Any]:
+        """Final persistent save (``checkpoint.at_end``), wait for saves in flight, close;
+        returns summary fields (parameter digest, checkpoint costs)."""
+        if self.ck.at_end and self.saved_step != tr.step:
+            self.save_persistent(tr)
+        self._wait()
+        out: dict[str, Any] = {"param_digest": state_digest(tr.model.state_dict())}
+        if self.mem is not None:
+            self.mem.wait(timeout=self.mem.cfg.timeout_s)
+            hist = [st for st in self.mem.history if st.ok]
+            n, m = max(1, len(self._costs)), max(1, len(hist))
+            out["memory_ckpt"] = {
+                "every": self.ck.memory_every, "saves": len(self._costs),
+                "ok": len(hist), "bytes": hist[-1].nbytes if hist else 0,
+                "blocked_s_mean": sum(c[0] for c in self._costs) / n,
+                "snapshot_s_mean": sum(c[1] for c in self._costs) / n,
+                "barrier_s_mean": sum(s.barrier_s for s in hist) / m,
+                "copy_s_mean": sum(s.copy_s for s in hist) / m,
+                "send_s_mean": sum(s.background_s - s.paused_s - s.copy_s for s in hist) / m}
+        self.close()
+        return out
+
+    def close(self) -> None:
+        if self.mem is not None:
+            self.mem.close()
+            self.mem = None
+
+    # -- bookkeeping ---------------------------------------------------------------------------
+    def _write_pid(self) -> None:
+        d = self.run_dir / "pids"
+        d.mkdir(parents=True, exist_ok=True)
+        info = {"rank": self.d.rank, "pid": os.getpid(), "node": self.node, "job": self.job,
+                "restart": self.restart, "t_proc_start": process_start_time()}
+        tmp = d / f".rank{self.d.rank}.{os.getpid()}"
+        tmp.write_text(json.dumps(info))
+        tmp.rename(d / f"rank{self.d.rank}.json")
+
+    def _append(self, name: str, row: dict[str, Any]) -> None:
+        with open(self.run_dir / name, "a") as f:
+            f.write(json.dumps(row) + "\n")
