@@ -26,6 +26,7 @@ from torch import nn
 
 from zentrain.api import DataParallel
 from zentrain.ckpt import persistent
+from zentrain.ckpt.manager import CheckpointManager
 from zentrain.config import Config, ConfigError, load_config
 from zentrain.data.corpus import DataError
 from zentrain.metrics import MetricsWriter, Progress, StepTimer, peak_memory_bytes, print_summary
@@ -131,6 +132,7 @@ class Trainer:
         self.step = 0
         self.timer = StepTimer(d.device)
         self.is_main = d.rank == 0
+        self.ckpt = CheckpointManager(cfg, run_dir, d)  # in-memory + persistent checkpoints
 
     # -- the step ----------------------------------------------------------------------------
     def train_step(self) -> dict[str, Any]:
@@ -149,7 +151,8 @@ class Trainer:
                                                   enabled=cfg.train.bf16):
                 _, loss = self.dp(**batch)
             last = micro == accum - 1
-            with timer("backward"), (self.dp.no_sync() if not last else _null()):
+            with timer("backward"), (self.dp.no_sync() if not last else _null()), \
+                    self.ckpt.sync_window():  # checkpoint traffic waits for the sync
                 (loss / accum).backward()
             loss_sum += loss.item()
         stats = self.dp.finish_sync() if self.d.world_size == 1 else self.dp.last_stats
@@ -178,6 +181,7 @@ class Trainer:
             self.step = int(extra["step"])
             # The loader state is global: it resumes at any world size with the next samples.
             self.data.load_state_dict(extra["data"])
+        self.ckpt.restore(self)  # after a restart: in memory, else a replica, else on disk
         metrics = MetricsWriter(self.run_dir, self.is_main)
         progress = Progress(cfg.train.steps, self.step, self.is_main and cfg.metrics.progress)
         if self.is_main:
@@ -213,6 +217,7 @@ class Trainer:
                        "batch_digest": self.data.batch_digest(self.step - 1),
                        "mixture": self.data.mixture(self.step - 1),
                        "data_mem_bytes": self.data.memory_bytes()}
+                row.update(self.ckpt.after_step(self))  # snapshot; persistent every K
                 if s.extra:  # scheme figures: path taken, density, imbalance per table
                     row["sync_stats"] = {k: v for k, v in s.extra.items()
                                          if isinstance(v, int | float | str | bool)}
@@ -228,16 +233,12 @@ class Trainer:
                                                          for k, v in eval_out.items()}})
                     progress.log("  eval step {}: {}".format(self.step, ", ".join(
                         f"{k} {v:.4f}" for k, v in eval_out.items())))
-                if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
-                    self.save()
         finally:
             self.data.close()  # stop the loader's workers
             progress.close()
             metrics.close()
-        if cfg.checkpoint.at_end and not (cfg.checkpoint.every and
-                                          self.step % cfg.checkpoint.every == 0):
-            self.save()
-        return self._summary(hist, eval_out, last_loss, time.perf_counter() - t_start)
+        return {**self._summary(hist, eval_out, last_loss, time.perf_counter() - t_start),
+                **self.ckpt.finish(self)}  # final persistent save, digest
 
     def save(self) -> None:
         persistent.save(self.run_dir, self.step, self.model, self.optim,
