@@ -237,7 +237,7 @@ def write_plots(result: dict[str, Any], out: Path) -> list[Path]:
                 color=line.get_color(), label=f"{name}: d^{n} (aggregated)")
     ax.set(yscale="log", xlabel="step", ylabel="density (non-zero rows / rows)",
            title=f"Density over steps ({title})")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="center right")
     save(fig, "density.png")
 
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -253,7 +253,7 @@ def write_plots(result: dict[str, Any], out: Path) -> list[Path]:
         ax.fill_between(ks, lo, hi, color=line.get_color(), alpha=0.2)
     ax.set(xlabel="ranks aggregated k", ylabel="densification γ_k",
            title=f"Densification after aggregation (C2; {title})")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left")
     save(fig, "gamma.png")
 
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -270,7 +270,7 @@ def write_plots(result: dict[str, Any], out: Path) -> list[Path]:
     ax.set_xticks(range(len(labels)), labels)
     ax.set(ylabel="imbalance ratio (Def. 8; 1 = balanced)",
            title=f"Contiguous vs hashed partitions over {n} servers (C3; {title})")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper right")
     save(fig, "imbalance.png")
 
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -279,6 +279,6 @@ def write_plots(result: dict[str, Any], out: Path) -> list[Path]:
         ax.hist(vals, bins=30, range=(0, 1), density=True, alpha=0.5, label=name)
     ax.set(xlabel="overlap |I_a ∩ I_b| / |I_a ∪ I_b|", ylabel="density (PDF)",
            title=f"Overlap between ranks' gradients (C1; {title})")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper right")
     save(fig, "overlap.png")
     return paths

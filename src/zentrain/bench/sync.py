@@ -389,7 +389,7 @@ def plot_sweep(runs: list[dict[str, Any]], path: Path, what: str) -> None:
         ax.plot(ns, [r["schemes"][s]["bytes_recv_max"] / 2**20 for r in runs], "o-", label=s)
     ax.set(xlabel="ranks n", ylabel="max MiB received per rank", yscale="log", xticks=ns)
     ax.set_title("Sync bytes vs ranks\n" + textwrap.fill(what, 70), fontsize=9)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="center right")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
