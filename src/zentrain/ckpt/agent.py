@@ -62,6 +62,7 @@ from zentrain.ckpt.placement import Placement
 
 MAX_MSG = 256 << 20  # a header for a huge optimizer state is still far below this
 WINDOW_FILE = "window"
+OWNER_FILE = "owner"
 WINDOW_BYTES = 4096
 MAX_WINDOW_WAIT_S = 10.0  # a worker that died inside its window must not stall relays forever
 
@@ -232,7 +233,9 @@ class Agent:
         self.seq = 0
         self.links = {p: PeerLink(self, p) for p in range(cfg.nodes) if p != cfg.node}
         shutil.rmtree(cfg.dir, ignore_errors=True)  # a previous incarnation's leftovers
+        sweep_stale(cfg.shm_root)
         cfg.dir.mkdir(parents=True)
+        (cfg.dir / OWNER_FILE).write_text(owner_id(os.getpid()))
         # One byte per rank, set by local workers while they are in their gradient-sync
         # window (``MemoryCheckpointer.paused``): replica traffic waits meanwhile.
         wpath = cfg.dir / WINDOW_FILE
@@ -242,7 +245,10 @@ class Agent:
         self.window_since: float | None = None
 
     def log(self, text: str) -> None:
-        print(f"[ckpt-agent {self.cfg.node}] {text}", file=sys.stderr, flush=True)
+        try:
+            print(f"[ckpt-agent {self.cfg.node}] {text}", file=sys.stderr, flush=True)
+        except OSError:  # stderr was a pipe to a launcher that is gone
+            pass
 
     # -- serving ---------------------------------------------------------------------------
     def serve(self) -> None:
@@ -644,8 +650,8 @@ def run_agent(cfg: AgentConfig, listen_fd: int | None = None) -> None:
         def watch() -> None:
             while not agent.stopping.wait(0.5):
                 if os.getppid() != parent:
-                    agent.log("parent exited; shutting down")
                     agent.stopping.set()
+                    agent.log("parent exited; shutting down")
         threading.Thread(target=watch, daemon=True).start()
     agent.serve()
 
@@ -758,8 +764,57 @@ def start_agent(cfg: AgentConfig, listener: socket.socket | None = None) -> Agen
     inherits it, so no port is ever released and re-bound (no free-port race)."""
     fd = listener.fileno() if listener is not None else None
     proc = subprocess.Popen(agent_argv(cfg, fd), pass_fds=() if fd is None else (fd,),
-                            stdin=subprocess.DEVNULL)
+                            stdin=subprocess.DEVNULL,
+                            preexec_fn=term_with_parent() if cfg.exit_with_parent else None)
     return AgentHandle(cfg, proc)
+
+
+_LIBC: Any = None
+try:  # resolved here, not in a forked child
+    import ctypes
+
+    _LIBC = ctypes.CDLL(None, use_errno=True)
+except OSError:  # pragma: no cover - not Linux
+    pass
+
+
+def term_with_parent() -> Any:
+    """A ``preexec_fn``: the child gets SIGTERM (a clean shutdown, directory removed) when
+    the process starting it dies — even if that happens before the child could look."""
+    parent = os.getpid()
+
+    def preexec() -> None:
+        if _LIBC is not None:
+            _LIBC.prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # it died before the prctl
+            os._exit(1)
+    return preexec
+
+
+def owner_id(pid: int) -> str:
+    """pid and kernel start time: identifies a process even after its pid is reused."""
+    try:
+        start = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        start = "?"
+    return f"{pid} {start}"
+
+
+def sweep_stale(shm_root: str) -> list[str]:
+    """Remove agent directories whose agent is gone without cleaning up (SIGKILLed with
+    its whole process group, say); returns what was removed."""
+    removed = []
+    for d in Path(shm_root).glob("zentrain-*-node*"):
+        try:
+            owner = (d / OWNER_FILE).read_text().strip()
+        except OSError:
+            continue  # not ours, or still starting
+        pid = int(owner.split()[0]) if owner.split()[0].isdigit() else -1
+        if pid > 0 and owner_id(pid) == owner:
+            continue  # alive
+        shutil.rmtree(d, ignore_errors=True)
+        removed.append(str(d))
+    return removed
 
 
 def start_local_agents(nodes: int, local_world: int = 1, m: int = 2, job: str = "job",
