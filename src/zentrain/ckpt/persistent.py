@@ -26,6 +26,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
@@ -134,8 +135,8 @@ def load(run_dir: Path, model: nn.Module, optim: torch.optim.Optimizer,
     reader = SafeReader(_dir(run_dir) / f"step_{step:06d}")
     try:
         dcp.load(state, storage_reader=reader)
-    except Exception as e:
-        if reader.refused is not None:  # DCP wraps it in a CheckpointException
+    except (Exception, CheckpointException) as e:  # the latter is a BaseException
+        if reader.refused is not None:  # DCP wraps the refusal in a CheckpointException
             raise reader.refused from e
         raise
     set_state_dict(model, optim, model_state_dict=state["model"],
