@@ -16,8 +16,16 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
                        description="Train CONFIG (default: the built-in debug GPT config, the "
                                    "same as configs/debug.toml) on --nproc local ranks.")
     p.add_argument("config", nargs="?", help="TOML config file (e.g. configs/deepfm.toml)")
-    p.add_argument("--nproc", type=int, default=None,
-                   help="local ranks (default: parallel.nproc of the config, 2)")
+    p.add_argument("--nproc", "--nproc-per-node", dest="nproc", type=int, default=None,
+                   help="local ranks, per node (default: parallel.nproc of the config, 2)")
+    p.add_argument("--nodes", type=int, default=1,
+                   help="emulated nodes, each with its own elastic agent, checkpoint agent and "
+                        "network namespace where available (see docs/recovery.md)")
+    p.add_argument("--loopback", action="store_true",
+                   help="with --nodes: run every node on loopback even when network "
+                        "namespaces are available")
+    p.add_argument("--max-restarts", type=int, default=None,
+                   help="worker restarts after a failure (checkpoint.max_restarts, default 3)")
     p.add_argument("--set", dest="overrides", action="append", default=[],
                    metavar="SECTION.KEY=VALUE", help="override a config value (repeatable)")
     p.add_argument("--run-dir", default=None, help="output dir (default: runs/<model>-<time>)")
@@ -40,10 +48,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         overrides.append(f"parallel.nproc={args.nproc}")
     if args.resume:
         overrides.append("checkpoint.resume=true")
+    if args.max_restarts is not None:
+        overrides.append(f"checkpoint.max_restarts={args.max_restarts}")
+    if args.nodes < 1:
+        raise ConfigError(f"bad --nodes {args.nodes} (allowed: an integer >= 1)")
     cfg = load_config(args.config, overrides)
     run_dir = Path(args.run_dir) if args.run_dir else train.default_run_dir(cfg)
     train_args = ([args.config] if args.config else []) + [
         a for o in overrides for a in ("--set", o)] + ["--run-dir", str(run_dir)]
+    if args.nodes > 1:
+        return _run_nodes(args, cfg, run_dir, train_args)
     if args.emulate_bandwidth is not None:
         from zentrain.bench.cluster import run_emulated
 
@@ -53,8 +67,43 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.resume and not (run_dir / "checkpoints" / "latest").is_file():
         raise ConfigError(f"--resume: no committed checkpoint in {run_dir}/checkpoints "
                           "(pass the --run-dir of an earlier run)")
-    launch.prepare_data(cfg, cfg.parallel.nproc)
-    return launch.launch_local(train_args, cfg.parallel.nproc, run_dir, port=args.port)
+    from zentrain import nodes
+    from zentrain.zygote import Zygote
+
+    job = nodes.new_job_id()
+    # Restarted workers are forked from a preloaded zygote (see zentrain/zygote.py); it
+    # imports torch while the data caches are prepared.
+    zygote = Zygote.start(job) if cfg.checkpoint.max_restarts > 0 else None
+    agents = None
+    try:
+        launch.prepare_data(cfg, cfg.parallel.nproc)
+        agents = nodes.start_single_node_agents(cfg, job, cfg.parallel.nproc, run_dir)
+        nodes.record_elastic_events(run_dir / "elastic-node0.jsonl")
+        worker_args = zygote.worker_args(train_args) if zygote and zygote.wait_ready() else None
+        return launch.launch_local(train_args, cfg.parallel.nproc, run_dir, port=args.port,
+                                   max_restarts=cfg.checkpoint.max_restarts,
+                                   env={"ZENTRAIN_CKPT_JOB": job, **(agents.env(0) if agents
+                                                                     else {})},
+                                   worker_args=worker_args)
+    finally:
+        if agents is not None:
+            agents.stop()
+        if zygote is not None:
+            zygote.stop()
+
+
+def _run_nodes(args: argparse.Namespace, cfg, run_dir: Path, train_args: list[str]) -> int:
+    from zentrain import launch
+    from zentrain.nodes import run_nodes
+
+    if launch.inside_torchrun():
+        raise ConfigError("--nodes starts its own elastic agents; run it outside torchrun")
+    if args.resume and not (run_dir / "checkpoints" / "latest").is_file():
+        raise ConfigError(f"--resume: no committed checkpoint in {run_dir}/checkpoints "
+                          "(pass the --run-dir of an earlier run)")
+    launch.prepare_data(cfg, args.nodes * cfg.parallel.nproc)
+    return run_nodes(train_args, cfg, run_dir, args.nodes, cfg.parallel.nproc,
+                     loopback=args.loopback, rate=args.emulate_bandwidth)
 
 
 def build_parser() -> argparse.ArgumentParser:

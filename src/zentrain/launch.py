@@ -48,8 +48,12 @@ def prepare_data(cfg: Config, nproc: int) -> None:
 
 
 def launch_local(train_args: list[str], nproc: int, run_dir: Path, port: int | None = None,
-                 max_restarts: int = 0, env: dict[str, str] | None = None) -> int:
-    """Run ``python -m zentrain.train *train_args`` on ``nproc`` local ranks; exit code."""
+                 max_restarts: int = 0, env: dict[str, str] | None = None,
+                 worker_args: list[str] | None = None) -> int:
+    """Run ``python -m zentrain.train *train_args`` on ``nproc`` local ranks; exit code.
+
+    ``worker_args`` replaces the interpreter arguments that start a worker (e.g. the
+    ``zentrain.zygote`` stub, which forks workers from a preloaded process)."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -70,7 +74,8 @@ def launch_local(train_args: list[str], nproc: int, run_dir: Path, port: int | N
                       rdzv_endpoint=f"127.0.0.1:{port}", rdzv_configs={"timeout": 120},
                       max_restarts=max_restarts, monitor_interval=0.1, start_method="spawn")
     try:
-        elastic_launch(lc, sys.executable)("-u", "-m", "zentrain.train", *train_args)
+        elastic_launch(lc, sys.executable)(
+            *(worker_args or ["-u", "-m", "zentrain.train", *train_args]))
     except ChildFailedError as e:
         codes = {f.local_rank: f.exitcode for f in e.failures.values()}
         first = min(codes)
