@@ -1,0 +1,512 @@
+"""``zentrain chaos``: kill training processes with SIGKILL and measure the recovery.
+
+    zentrain chaos [CONFIG] --kill worker|node|agent [--at-step K] --trials T [--json OUT]
+
+Every trial runs the real ``zentrain run`` in a subprocess, waits until step K is done
+(random in ``[2, steps - 2]`` unless given; rank 0's ``metrics.jsonl`` rows carry wall-clock
+times), and SIGKILLs the victim:
+
+* ``worker``: one worker (a random rank, or ``--rank``) — torch's elastic agent restarts
+  the node's workers, which load the newest in-memory checkpoint from the local agent;
+* ``node``: one emulated node (``--nodes`` >= 2): its elastic agent, its workers and its
+  checkpoint agent at once; the launcher replaces the node (memory wiped) and every rank
+  loads from the replicas (``checkpoint.replicas`` m = 2);
+* ``agent``: only a checkpoint agent; training must go on untouched, and the launcher
+  restarts the agent.
+
+Per trial, the same kill is repeated with in-memory checkpoints off and persistent (DCP)
+checkpoints on, for comparison. That run saves every ``max(1, K - 2)`` steps, so the
+restarted workers really load a persistent checkpoint (restart + DCP load + the
+recomputation of ``steps_lost_disk_measured`` steps are measured:
+``recovery_s_disk_measured``). A checkpoint every ``--disk-every`` steps (default 100) loses
+``disk_every / 2`` steps on average, not the 1-2 of that run, so ``recovery_s_disk`` is the
+measured time plus ``disk_every / 2 - steps_lost_disk_measured`` steps at the run's median
+step time (recomputation is not re-run for 50 steps; it is charged at the measured rate).
+
+Reported per trial: ``bit_identical`` (final parameter digest and every step's loss equal
+to an uninterrupted reference run's), ``steps_lost`` (steps done before the kill minus the
+step restored), ``recovery_s`` (SIGKILL → the first step not done before the kill is
+done: restart + load + recomputation), its breakdown (detect, stop, rendezvous, spawn,
+init, load, steps) from the elastic agent's event log and the workers' timestamps, and the
+same for the persistent-checkpoint run. With ``--kill agent``, ``recovery_s`` is the time
+until the restarted agent holds a complete checkpoint again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import random
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from zentrain.config import ConfigError, load_config
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("chaos", help="SIGKILL workers / nodes / agents mid-run; measure recovery",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", nargs="?", help="TOML config (default: the debug GPT config)")
+    p.add_argument("--kill", choices=["worker", "node", "agent"], default="worker")
+    p.add_argument("--at-step", type=int, default=None,
+                   help="kill once this step is done (default: random per trial)")
+    p.add_argument("--rank", type=int, default=None, help="--kill worker: this rank (default: "
+                   "random)")
+    p.add_argument("--node", type=int, default=None, help="--kill node/agent: this node "
+                   "(default: random)")
+    p.add_argument("--trials", type=int, default=3)
+    p.add_argument("--steps", type=int, default=None, help="train.steps of every run")
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--nproc-per-node", "--nproc", dest="nproc", type=int, default=None)
+    p.add_argument("--loopback", action="store_true", help="--nodes on loopback only")
+    p.add_argument("--set", dest="overrides", action="append", default=[],
+                   metavar="SECTION.KEY=VALUE", help="config override for every run (repeatable)")
+    p.add_argument("--disk-every", type=int, default=100,
+                   help="persistent checkpoint interval of the comparison run (default 100)")
+    p.add_argument("--no-disk", action="store_true", help="skip the comparison runs")
+    p.add_argument("--cost-pairs", type=int, default=1,
+                   help="uninterrupted runs with in-memory checkpoints off (each paired with "
+                        "one with them on, the first being the reference) to measure their "
+                        "step-time cost (default 1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the kill steps and victims")
+    p.add_argument("--chaos-dir", default=None, help="where the runs go (default: "
+                   "runs/chaos-<time>)")
+    p.add_argument("--json", default=None, metavar="OUT", help="write {'trials': [...]} here")
+    p.add_argument("--timeout", type=float, default=1800.0, help="seconds per run")
+    p.set_defaults(func=cmd_chaos)
+
+
+@dataclass
+class Run:
+    """One ``zentrain run`` of a trial, as read back from its run directory."""
+
+    run_dir: Path
+    rc: int | None = None
+    t_kill: float | None = None
+    victim: str = ""
+    protected_s: float | None = None  # --kill agent: kill → complete checkpoint again
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    recovery: list[dict[str, Any]] = field(default_factory=list)
+    events: list[dict[str, Any]] = field(default_factory=list)
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    def load(self) -> Run:
+        self.rows = [r for r in _jsonl(self.run_dir / "metrics.jsonl") if "loss" in r]
+        self.recovery = _jsonl(self.run_dir / "recovery.jsonl")
+        self.events = sorted((e for p in self.run_dir.glob("elastic-node*.jsonl")
+                              for e in _jsonl(p)), key=lambda e: e["t"])
+        f = self.run_dir / "summary.json"
+        self.summary = json.loads(f.read_text()) if f.is_file() else {}
+        return self
+
+
+def _jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue  # a line cut by a kill
+    return out
+
+
+# -- running ------------------------------------------------------------------------------------
+
+class Chaos:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.rng = random.Random(args.seed)
+        base = list(args.overrides)
+        if args.steps is not None:
+            base.append(f"train.steps={args.steps}")
+        # Deterministic mode (the issue's bit-identity condition), a metrics row per step
+        # (the kill trigger and clock), no progress bars, no final save (not measured).
+        base += ["train.deterministic=true", "metrics.log_every=1", "metrics.progress=false",
+                 "checkpoint.at_end=false"]
+        if args.nproc is not None:
+            base.append(f"parallel.nproc={args.nproc}")
+        self.base = base
+        self.cfg = load_config(args.config, base)
+        self.steps = self.cfg.train.steps
+        self.world = args.nodes * self.cfg.parallel.nproc
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        self.dir = Path(args.chaos_dir or f"runs/chaos-{stamp}")
+
+    def command(self, run_dir: Path, extra: list[str]) -> list[str]:
+        cmd = [sys.executable, "-m", "zentrain.cli", "run"]
+        if self.args.config:
+            cmd.append(self.args.config)
+        for o in self.base + extra:
+            cmd += ["--set", o]
+        cmd += ["--run-dir", str(run_dir)]
+        if self.args.nodes > 1:
+            cmd += ["--nodes", str(self.args.nodes)]
+            if self.args.loopback:
+                cmd.append("--loopback")
+        return cmd
+
+    def run(self, name: str, extra: list[str], kill_at: int | None = None,
+            victim: tuple[str, int] | None = None) -> Run:
+        run_dir = self.dir / name
+        if run_dir.exists():
+            import shutil
+
+            shutil.rmtree(run_dir)
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        res = Run(run_dir)
+        with open(self.dir / f"{name}.log", "w") as log:
+            proc = subprocess.Popen(self.command(run_dir, extra), stdout=log,
+                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    env=dict(os.environ, CI="1"))
+            deadline = time.monotonic() + self.args.timeout
+            try:
+                if kill_at is not None and victim is not None:
+                    self._kill_when(res, proc, kill_at, victim, deadline)
+                while proc.poll() is None and time.monotonic() < deadline:
+                    time.sleep(0.2)
+                    if victim and victim[0] == "agent" and res.protected_s is None:
+                        self._check_protected(res, victim[1])
+            finally:
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGINT)
+                    try:
+                        proc.wait(30)
+                    except subprocess.TimeoutExpired:
+                        proc.kill()
+                        proc.wait()
+        res.rc = proc.returncode
+        return res.load()
+
+    def _kill_when(self, res: Run, proc: subprocess.Popen, step: int,
+                   victim: tuple[str, int], deadline: float) -> None:
+        metrics = res.run_dir / "metrics.jsonl"
+        while proc.poll() is None and time.monotonic() < deadline:
+            rows = [r for r in _jsonl(metrics) if "loss" in r]
+            if rows and rows[-1]["step"] >= step:
+                break
+            time.sleep(0.05)
+        else:
+            return
+        kind, index = victim
+        pids, what = self._victim_pids(res.run_dir, kind, index)
+        res.t_kill = time.time()
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        res.victim = what
+
+    def _victim_pids(self, run_dir: Path, kind: str, index: int) -> tuple[list[int], str]:
+        ranks = [json.loads(Path(f).read_text()) for f in glob.glob(str(run_dir / "pids" /
+                                                                        "rank*.json"))]
+        if kind == "worker":
+            r = next(r for r in ranks if r["rank"] == index)
+            return [r["pid"]], f"rank {index} (pid {r['pid']})"
+        agent = _agents(run_dir)["agents"][index]
+        if kind == "agent":
+            return [agent["pid"]], f"checkpoint agent of node {index} (pid {agent['pid']})"
+        node = json.loads((run_dir / "nodes.json").read_text())["nodes"][index]
+        workers = [r["pid"] for r in ranks if r["node"] == index]
+        return [node["pid"], agent["pid"], *workers], \
+            f"node {index} (elastic agent {node['pid']}, checkpoint agent {agent['pid']}, " \
+            f"workers {workers})"
+
+    def _check_protected(self, res: Run, node: int) -> None:
+        """--kill agent: has the restarted agent stored every local rank's shard of some step
+        after the kill?"""
+        if res.t_kill is None:
+            return
+        d = Path(_agents(res.run_dir)["agents"][node]["dir"])
+        done_before = max((r["step"] for r in _jsonl(res.run_dir / "metrics.jsonl")
+                           if "loss" in r and r.get("time", 0) <= res.t_kill), default=0)
+        per_step: dict[int, int] = {}
+        for f in d.glob("own-r*-s*"):
+            if not f.name.endswith(".part"):
+                s = int(f.name.rsplit("-s", 1)[1])
+                per_step[s] = per_step.get(s, 0) + 1
+        if any(s > done_before and n >= self.cfg.parallel.nproc for s, n in per_step.items()):
+            res.protected_s = time.time() - res.t_kill
+
+
+def _agents(run_dir: Path) -> dict[str, Any]:
+    """The launcher's ``agents.json``: job id and each node's checkpoint agent."""
+    return json.loads((run_dir / "agents.json").read_text())
+
+
+# -- analysis -----------------------------------------------------------------------------------
+
+def wall_step_times(rows: list[dict[str, Any]], skip: int = 2) -> list[float]:
+    """Wall-clock time between consecutive steps (checkpoint work included), leaving out
+    each incarnation's first ``skip`` steps and any restart gap."""
+    out, run = [], 0
+    for a, b in zip(rows, rows[1:]):
+        if b["step"] != a["step"] + 1 or b["time"] - a["time"] > 60 + 10 * b["step_time_s"]:
+            run = 0
+            continue
+        run += 1
+        if run > skip:
+            out.append(b["time"] - a["time"])
+    return out
+
+
+def analyse(res: Run, ref: Run) -> dict[str, Any]:
+    out: dict[str, Any] = {"run_dir": str(res.run_dir), "rc": res.rc, "victim": res.victim}
+    ref_loss = {r["step"]: r["loss"] for r in ref.rows}
+    same_losses = bool(res.rows) and all(ref_loss.get(r["step"]) == r["loss"] for r in res.rows)
+    steps = {r["step"] for r in res.rows}
+    digest = ref.summary.get("param_digest")
+    out["bit_identical"] = bool(res.rc == 0 and same_losses and steps == set(ref_loss)
+                                and digest is not None
+                                and res.summary.get("param_digest") == digest)
+    if res.t_kill is None:
+        return out
+    before = [r for r in res.rows if r["time"] <= res.t_kill]
+    last = max((r["step"] for r in before), default=0)
+    out["last_done"] = last
+    after = [r for r in res.rows if r["time"] > res.t_kill and r["step"] > last]
+    first_new = after[0] if after else None
+    starts = [r for r in res.recovery if r.get("t_restored", 0) > res.t_kill]
+    start = next((r for r in starts if r.get("rank", 0) == 0), None)
+    if start is None:  # no restart (an agent kill): nothing lost
+        out.update(steps_lost=0, restored_step=None, source=None)
+        out["recovery_s"] = res.protected_s
+        return out
+    sources = {r.get("rank", 0): r["source"] for r in starts}
+    peer = sorted({s for s in sources.values() if s.startswith("memory-peer")})
+    out.update(restored_step=start["step"], source=peer[0] if peer else start["source"],
+               sources=sources, steps_lost=last - start["step"])
+    out["recovery_s"] = first_new["time"] - res.t_kill if first_new else None
+    out["breakdown"] = breakdown(res, start, first_new)
+    return out
+
+
+def breakdown(res: Run, start: dict[str, Any], first_new: dict[str, Any] | None
+              ) -> dict[str, float | None]:
+    """Split kill → first new step into the phases of a restart."""
+    t_kill = res.t_kill or 0.0
+    ev = [e for e in res.events if e["t"] >= t_kill - 1]
+
+    def first(name: str) -> float | None:
+        return next((e["t"] for e in ev if e["event"] == name), None)
+
+    failed, rdzv, done = first("failed"), first("rendezvous"), first("rendezvous_done")
+    proc = start["t_proc_start"]
+    imported = max(start["t_imported"], proc)  # forked from the zygote: imported already
+
+    def span(a: float | None, b: float | None) -> float | None:
+        return None if a is None or b is None else max(0.0, b - a)
+
+    return {"detect": span(t_kill, failed), "stop": span(failed, rdzv),
+            "rendezvous": span(rdzv, done), "spawn": span(done, proc),
+            "import": span(proc, imported), "init": span(imported, start["t_init"]),
+            "load": span(start["t_init"], start["t_restored"]),
+            "steps": span(start["t_restored"], first_new["time"] if first_new else None)}
+
+
+def summarize(trials: list[dict[str, Any]], cost: dict[str, Any]) -> dict[str, Any]:
+    def vals(key: str) -> list[float]:
+        return [t[key] for t in trials if isinstance(t.get(key), int | float)]
+
+    def mean(key: str) -> float | None:
+        v = vals(key)
+        return sum(v) / len(v) if v else None
+
+    out: dict[str, Any] = {
+        "trials": len(trials),
+        "bit_identical": sum(bool(t.get("bit_identical")) for t in trials),
+        "steps_lost_max": max(vals("steps_lost"), default=None),
+        "steps_lost_mean": mean("steps_lost"),
+        "recovery_s_mean": mean("recovery_s"),
+        "recovery_s_median": statistics.median(vals("recovery_s")) if vals("recovery_s")
+        else None,
+        "recovery_s_disk_mean": mean("recovery_s_disk"),
+        "recovery_s_disk_measured_mean": mean("recovery_s_disk_measured"),
+        "steps_lost_disk_measured_mean": mean("steps_lost_disk_measured"),
+        **cost}
+    if out["recovery_s_mean"] and out["recovery_s_disk_mean"]:
+        out["disk_over_memory"] = out["recovery_s_disk_mean"] / out["recovery_s_mean"]
+    parts = [t["breakdown"] for t in trials if t.get("breakdown")]
+    if parts:
+        out["breakdown_mean"] = {k: statistics.fmean(p[k] for p in parts if p[k] is not None)
+                                 for k in parts[0] if any(p[k] is not None for p in parts)}
+    return out
+
+
+# -- the command --------------------------------------------------------------------------------
+
+def cmd_chaos(args: argparse.Namespace) -> int:
+    if args.trials < 1:
+        raise ConfigError(f"bad --trials {args.trials} (allowed: >= 1)")
+    if args.kill == "node" and args.nodes < 2:
+        raise ConfigError("--kill node needs --nodes >= 2 (a peer must hold the replicas)")
+    ch = Chaos(args)
+    if ch.cfg.checkpoint.memory_every <= 0:
+        raise ConfigError("chaos measures in-memory recovery: checkpoint.memory_every must "
+                          "be > 0")
+    if ch.cfg.checkpoint.max_restarts < 1 and args.kill != "agent":
+        raise ConfigError("checkpoint.max_restarts must be >= 1 to recover from a kill")
+    if ch.steps < 4:
+        raise ConfigError(f"train.steps = {ch.steps} is too short to kill mid-run (>= 4)")
+    if args.at_step is not None and not 1 <= args.at_step < ch.steps:
+        raise ConfigError(f"--at-step must be in [1, {ch.steps - 1}]")
+    ch.dir.mkdir(parents=True, exist_ok=True)
+    say = _printer()
+    say(f"chaos: --kill {args.kill}, {args.trials} trial(s) of {ch.steps} steps on "
+        f"{args.nodes} node(s) x {ch.cfg.parallel.nproc} worker(s); runs in {ch.dir}")
+    say("reference run (uninterrupted)...")
+    ref = ch.run("ref", [])
+    if ref.rc != 0 or not ref.summary:
+        say(f"the reference run failed (exit {ref.rc}); see {ch.dir}/ref.log")
+        return 1
+    on_steps, off_steps = wall_step_times(ref.rows), []
+    for k in range(args.cost_pairs):
+        say(f"step-time cost: run {k + 1}/{args.cost_pairs} without in-memory checkpoints...")
+        off_steps += wall_step_times(ch.run(f"cost{k}-off", ["checkpoint.memory_every=0"]).rows)
+        if k + 1 < args.cost_pairs:
+            on_steps += wall_step_times(ch.run(f"cost{k}-on", []).rows)
+    trials: list[dict[str, Any]] = []
+    for i in range(args.trials):
+        at = args.at_step or ch.rng.randint(min(4, ch.steps - 2), ch.steps - 2)
+        index = _pick(ch, args)
+        victim = (args.kill, index)
+        say(f"trial {i + 1}/{args.trials}: kill {args.kill} {index} after step {at}...")
+        res = ch.run(f"t{i}-memory", [], at, victim)
+        t = {"trial": i, "kill": args.kill, "at_step": at, **analyse(res, ref)}
+        if not args.no_disk and args.kill != "agent":
+            # The same kill with memory checkpoints off and a persistent checkpoint two
+            # steps before it, so the restart really loads one (see the module docstring).
+            every = max(1, at - 2)
+            disk = ch.run(f"t{i}-disk", ["checkpoint.memory_every=0",
+                                         f"checkpoint.every={every}"], at, victim)
+            d = analyse(disk, ref)
+            step_s = statistics.median(wall_step_times(disk.rows) or [0.0])
+            t.update(recovery_s_disk_measured=d.get("recovery_s"),
+                     steps_lost_disk_measured=d.get("steps_lost"),
+                     bit_identical_disk=d.get("bit_identical"), breakdown_disk=d.get("breakdown"),
+                     source_disk=d.get("source"), disk_every=args.disk_every,
+                     step_time_s=step_s)
+            if d.get("recovery_s") is not None and d.get("steps_lost") is not None:
+                # A checkpoint every disk_every steps loses disk_every / 2 on average.
+                t["steps_lost_disk"] = args.disk_every / 2
+                t["recovery_s_disk"] = d["recovery_s"] + step_s * (
+                    args.disk_every / 2 - d["steps_lost"])
+        trials.append(t)
+        say("  " + _line(t))
+    cost = {"step_time_s_memory_on": _median(on_steps),
+            "step_time_s_memory_off": _median(off_steps),
+            "cost_steps_measured": [len(on_steps), len(off_steps)],
+            "ckpt_training_thread_s": _median([r.get("ckpt_blocked_s", 0) +
+                                               r.get("ckpt_snapshot_s", 0) for r in ref.rows
+                                               if "ckpt_snapshot_s" in r][2:])}
+    if cost["step_time_s_memory_on"] and cost["step_time_s_memory_off"]:
+        cost["memory_ckpt_overhead"] = (cost["step_time_s_memory_on"]
+                                        / cost["step_time_s_memory_off"] - 1)
+    summary = summarize(trials, cost)
+    out = {"command": "zentrain chaos " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["chaos"]
+           else None, "kill": args.kill, "nodes": args.nodes, "world_size": ch.world,
+           "steps": ch.steps, "config": args.config, "overrides": ch.base,
+           "machine": _machine(), "trials": trials, "summary": summary}
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(out, indent=1))
+    (ch.dir / "chaos.json").write_text(json.dumps(out, indent=1))
+    _table(out)
+    ok = all(t.get("bit_identical") for t in trials) and all(
+        t.get("rc") == 0 for t in trials)
+    return 0 if ok else 1
+
+
+def _pick(ch: Chaos, args: argparse.Namespace) -> int:
+    if args.kill == "worker":
+        return args.rank if args.rank is not None else ch.rng.randrange(ch.world)
+    return args.node if args.node is not None else ch.rng.randrange(args.nodes)
+
+
+def _median(v: list[float]) -> float | None:
+    return statistics.median(v) if v else None
+
+
+def _machine() -> dict[str, Any]:
+    import platform
+
+    try:
+        load = os.getloadavg()
+    except OSError:
+        load = None
+    return {"cpus": os.cpu_count(), "platform": platform.platform(),
+            "python": platform.python_version(), "loadavg_at_end": load}
+
+
+def _printer():
+    def say(text: str) -> None:
+        print(text, flush=True)
+    return say
+
+
+def _fmt(v: Any, unit: str = "") -> str:
+    if v is None:
+        return "—"
+    if isinstance(v, bool):
+        return "yes" if v else "NO"
+    if isinstance(v, float):
+        return f"{v:.2f}{unit}"
+    return f"{v}{unit}"
+
+
+def _line(t: dict[str, Any]) -> str:
+    parts = [f"steps lost {_fmt(t.get('steps_lost'))}",
+             f"recovered in {_fmt(t.get('recovery_s'), ' s')} from {t.get('source') or '—'}",
+             f"bit-identical {_fmt(t.get('bit_identical'))}"]
+    if "recovery_s_disk" in t:
+        parts.append(f"disk (every {t['disk_every']}): {_fmt(t.get('recovery_s_disk'), ' s')}"
+                     f" ({_fmt(t.get('recovery_s_disk_measured'), ' s')} measured with "
+                     f"{_fmt(t.get('steps_lost_disk_measured'))} steps lost)")
+    return ", ".join(parts)
+
+
+def _table(out: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"zentrain chaos: --kill {out['kill']}, {out['nodes']} node(s), "
+                    f"{out['world_size']} ranks, {out['steps']} steps")
+    for col in ("trial", "kill at", "victim", "lost", "recovery s", "source",
+                "identical", "disk s", "disk s meas."):
+        t.add_column(col, justify="right")
+    for tr in out["trials"]:
+        t.add_row(str(tr["trial"]), str(tr["at_step"]), tr.get("victim", "").split(" (")[0],
+                  _fmt(tr.get("steps_lost")), _fmt(tr.get("recovery_s")),
+                  tr.get("source") or "—", _fmt(tr.get("bit_identical")),
+                  _fmt(tr.get("recovery_s_disk")), _fmt(tr.get("recovery_s_disk_measured")))
+    console = Console()
+    console.print(t)
+    s = out["summary"]
+    lines = [f"bit-identical: {s['bit_identical']}/{s['trials']}",
+             f"steps lost: max {_fmt(s['steps_lost_max'])}, mean {_fmt(s['steps_lost_mean'])}",
+             f"recovery: mean {_fmt(s['recovery_s_mean'], ' s')}"]
+    if s.get("recovery_s_disk_mean") is not None:
+        lines.append(f"persistent-checkpoint recovery: mean {_fmt(s['recovery_s_disk_mean'], ' s')}"
+                     f" with a checkpoint every {out['trials'][0].get('disk_every')} steps "
+                     f"({_fmt(s.get('disk_over_memory'), 'x')} the in-memory recovery); "
+                     f"measured {_fmt(s.get('recovery_s_disk_measured_mean'), ' s')} with "
+                     f"{_fmt(s.get('steps_lost_disk_measured_mean'))} steps lost")
+    if s.get("breakdown_mean"):
+        lines.append("recovery breakdown (mean s): " + ", ".join(
+            f"{k} {v:.2f}" for k, v in s["breakdown_mean"].items()))
+    if s.get("memory_ckpt_overhead") is not None:
+        lines.append(f"step time with / without in-memory checkpoints: "
+                     f"{s['step_time_s_memory_on']:.3f} / {s['step_time_s_memory_off']:.3f} s "
+                     f"({100 * s['memory_ckpt_overhead']:+.1f}%)")
+    for line in lines:
+        console.print(line)
