@@ -22,7 +22,7 @@ def cache(tmp_path_factory):
     return tmp_path_factory.mktemp("cache")
 
 
-def zentrain(*args, cwd, cache=None, timeout=300):
+def zentrain(*args, cwd, cache=None, timeout=900):
     env = dict(os.environ, CI="1")
     extra = ["--set", f"data.cache_dir={cache}"] if cache else []
     cmd = [sys.executable, "-m", "zentrain.cli", *args]
