@@ -91,6 +91,30 @@ def test_node_kill_recovers_from_peer_replica(tmp_path, cache):
 
 # -- persistent checkpoints ----------------------------------------------------------------------
 
+@pytest.mark.slow
+def test_async_persistent_checkpoint_resumes_at_another_world_size(tmp_path, cache):
+    """DCP async_save every 2 steps on 2 ranks (committed by rename, marked with the job);
+    --resume on 1 rank continues at step 5 from the step-4 checkpoint."""
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "zentrain.cli", "run", *TINY, "--set",
+                               f"data.cache_dir={cache}", "--set", "metrics.progress=false",
+                               "--run-dir", "out", *args], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=600, env=dict(os.environ, CI="1"))
+    r = run("--set", "train.steps=4", "--set", "checkpoint.every=2")
+    assert r.returncode == 0, r.stdout + r.stderr
+    ckpts = tmp_path / "out" / "checkpoints"
+    assert (ckpts / "latest").read_text() == "4"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_000002", "step_000004"]
+    marker = json.loads((ckpts / "step_000004" / "zentrain.json").read_text())
+    assert marker["step"] == 4 and marker["world_size"] == 2
+    r = run("--set", "train.steps=6", "--nproc", "1", "--resume")
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in rows if "loss" in x] == [1, 2, 3, 4, 5, 6]
+    rec = [json.loads(x) for x in (tmp_path / "out" / "recovery.jsonl").read_text().splitlines()]
+    assert rec[-1]["step"] == 4 and rec[-1]["source"] == "persistent"
+
+
 def _model_and_optim(seed):
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
