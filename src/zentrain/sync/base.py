@@ -141,6 +141,10 @@ def coalesce_rows(indices: torch.Tensor, values: torch.Tensor) -> tuple[torch.Te
     """
     if indices.numel() == 0:
         return indices.to(torch.int64), values
+    if bool((indices[1:] > indices[:-1]).all()):
+        # Already sorted and unique (what ``rows_of`` yields for dense gradients): an
+        # O(nnz) check instead of a sort. A copy, as the other paths return.
+        return indices.to(torch.int64), values.clone()
     uniq, inv = torch.unique(indices, sorted=True, return_inverse=True)
     if uniq.numel() == indices.numel():
         order = torch.argsort(indices, stable=True)
