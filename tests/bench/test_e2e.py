@@ -35,7 +35,9 @@ def bench(tmp_path: Path, *args: str) -> tuple[int, dict]:
 
 @pytest.mark.slow
 def test_loopback_all_systems_equal_losses(tmp_path, capsys):
-    code, res = bench(tmp_path, "--bandwidth", "none", "--plot", str(tmp_path / "r.png"))
+    # 2 ranks sum in the same order everywhere: lossless systems agree to rounding.
+    code, res = bench(tmp_path, "--bandwidth", "none", "--plot", str(tmp_path / "r.png"),
+                      "--loss-rtol", "1e-5")
     text = capsys.readouterr().out
     assert code == 0, text
     assert set(res) >= {"config", "machine", "systems"}
@@ -46,7 +48,7 @@ def test_loopback_all_systems_equal_losses(tmp_path, capsys):
             assert s.get(key) is not None, (name, key)
         assert s["throughput"] > 0 and s["loss_matches"], name
     assert res["systems"]["ddp"]["speedup_vs_ddp"] == 1.0
-    assert res["loss_check"]["ok"] and res["loss_check"]["max_rel_deviation"] <= 1e-3
+    assert res["loss_check"]["ok"] and res["loss_check"]["max_rel_deviation"] <= 1e-5
     # Sparse schemes move fewer bytes than a dense all-reduce of the ~50k-row tables.
     assert res["systems"]["zen"]["sync_bytes_per_step"] < res["systems"]["ddp"][
         "sync_bytes_per_step"]
@@ -168,3 +170,29 @@ def test_targets_and_compute_bound_reason():
     assert not c["met"] and c["measured"] == pytest.approx(2.0)
     assert "compute-bound" in c["reason"]  # 2.0 s / 0.8 s of compute caps it at 2.5x
     assert checks["DeepFM, 4 ranks, 1 Gbit/s: zen no slower than ddp-sparse"]["met"]
+
+
+def test_worker_densifies_sparse_grads_before_clip_and_step(monkeypatch):
+    import types
+
+    import torch
+    from torch import nn
+
+    from zentrain.bench import worker
+
+    monkeypatch.setattr(nn.utils, "clip_grad_norm_", nn.utils.clip_grad_norm_)  # restored
+    fake = types.SimpleNamespace(
+        build_optimizer=lambda cfg, m: torch.optim.AdamW(m.parameters(), lr=0.1))
+    worker._patch(fake)
+    emb = nn.Embedding(10, 3, sparse=True)
+    for use_clip in (False, True):
+        emb.zero_grad(set_to_none=True)
+        emb(torch.tensor([1, 2, 2])).sum().backward()
+        assert emb.weight.grad.is_sparse
+        if use_clip:  # torch's own clip_grad_norm_ has no sparse kernel
+            nn.utils.clip_grad_norm_(emb.parameters(), 1.0)
+        fake.build_optimizer(None, emb).step()  # AdamW alone refuses sparse grads
+        assert not emb.weight.grad.is_sparse
+        g = emb.weight.grad
+        assert g[2].tolist() == ([2.0] * 3 if not use_clip else [g[2, 0].item()] * 3)
+        assert g[0].abs().sum() == 0 and g[2, 0] == 2 * g[1, 0]
