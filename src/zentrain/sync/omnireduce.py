@@ -41,6 +41,7 @@ from zentrain.sync.bitmap import (
     pack_coo,
     pad8,
     row_nbytes,
+    sort_key,
     sum_rows_ordered,
     unpack_coo,
     values_from_bytes,
@@ -137,7 +138,7 @@ class ParallelReducer(RowReducer):
                 parts_v.append(values_from_bytes(
                     gathered[j, isec[j]: total[j]].view(rows[j], rb), vals.dtype, row_shape))
             cat_i = torch.cat(parts_i)
-            order = torch.argsort(cat_i)
+            order = torch.argsort(sort_key(cat_i))
             out_idx, out_vals = cat_i[order], torch.cat(parts_v)[order]
             _sync(dev)
             self._codec_s += time.perf_counter() - t0
