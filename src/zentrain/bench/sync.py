@@ -15,7 +15,8 @@ tolerance (the schemes sum in different orders) and be bit-identical across rank
 
 Per scheme it reports bytes sent/received per rank (max and mean over ranks, counted by
 ``zentrain.sync.comm``: the algorithm's payload, metadata included), time (median over
-``--repeat`` of the slowest rank; warm-up calls excluded), hashing/encoding time, Push
+``--repeat`` of the slowest rank; warm-up calls excluded), hashing/encoding time (the
+same statistic of the reducers' ``hash_s``/``codec_s``: partition + index encode/decode), Push
 and Pull imbalance (Definition 8; Parallelism schemes only), the cost model's predicted
 bytes received by the busiest rank (``model_bytes``, from the inputs' exact density, γ
 and skew) and ratios against ``dense`` and ``agsparse``. With a trace, every figure is
@@ -225,22 +226,25 @@ def _rank_main(rank: int, world: int, spec: dict[str, Any]) -> dict[str, Any]:
             for t, rows, idx, vals in calls:
                 reds[t].reduce(idx, vals, rows)
         s0, r0 = counter.snapshot()
-        times, stats, results = [], [], []
+        times, codecs, stats, results = [], [], [], []
         for rep in range(spec["repeat"]):
             dist.barrier()
             t0 = time.perf_counter()
+            codec: float | None = 0.0
             for t, rows, idx, vals in calls:
                 res = reds[t].reduce(idx, vals, rows)
+                st = reds[t].last_stats
+                c = st.get("hash_s", st.get("codec_s"))
+                codec = None if c is None or codec is None else codec + c
                 if rep == spec["repeat"] - 1:
                     results.append(res)
-                    stats.append(dict(reds[t].last_stats))
+                    stats.append(dict(st))
             times.append(time.perf_counter() - t0)
+            codecs.append(codec)
         passes = spec["repeat"]
-        codec = [s.get("hash_s", s.get("codec_s")) for s in stats]
         out[scheme] = {
             "sent": (counter.sent - s0) / passes, "recv": (counter.recv - r0) / passes,
-            "times": times,
-            "codec_s": sum(codec) if all(c is not None for c in codec) else None,
+            "times": times, "codecs": codecs,
             "push": [s.get("push_imbalance") for s in stats],
             "pull": [s.get("pull_imbalance") for s in stats],
             "choice": [s.get("scheme") for s in stats] if scheme == "auto" else None,
@@ -285,7 +289,8 @@ def run_world(spec: dict[str, Any], world: int) -> dict[str, Any]:
         sent = [p["sent"] / units for p in per]
         recv = [p["recv"] / units for p in per]
         slowest = [max(p["times"][i] for p in per) / units for i in range(spec["repeat"])]
-        codec = [p["codec_s"] for p in per]
+        codec = None if any(c is None for p in per for c in p["codecs"]) else [
+            max(p["codecs"][i] for p in per) / units for i in range(spec["repeat"])]
         push_max, push_mean = _imb([v for p in per for v in p["push"]])
         pull_max, pull_mean = _imb([v for p in per for v in p["pull"]])
         model = _model_bytes(s, facts, world, per[0]["choice"]) / units
@@ -293,7 +298,7 @@ def run_world(spec: dict[str, Any], world: int) -> dict[str, Any]:
             "bytes_sent_max": max(sent), "bytes_sent_mean": statistics.mean(sent),
             "bytes_recv_max": max(recv), "bytes_recv_mean": statistics.mean(recv),
             "time_s": statistics.median(slowest), "time_s_min": min(slowest),
-            "hash_s": (max(codec) / units) if all(c is not None for c in codec) else None,
+            "hash_s": statistics.median(codec) if codec else None,
             "push_imbalance": push_max, "push_imbalance_mean": push_mean,
             "pull_imbalance": pull_max, "pull_imbalance_mean": pull_mean,
             "model_bytes": model, "recv_over_model": max(recv) / model if model else None,
