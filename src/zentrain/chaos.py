@@ -314,6 +314,35 @@ def breakdown(res: Run, start: dict[str, Any], first_new: dict[str, Any] | None
             "steps": span(start["t_restored"], first_new["time"] if first_new else None)}
 
 
+def cost_summary(on_steps: list[float], off_steps: list[float], on_rows: list[dict[str, Any]],
+                 pairs: list[tuple[float | None, float | None]]) -> dict[str, Any]:
+    """The step-time cost of per-step in-memory checkpoints, three ways: wall-clock step
+    time with / without (noisy on a shared machine), the training thread's own share
+    (snapshot, waits), and the background CPU time per save against the training
+    thread's CPU time per step (independent of the load)."""
+    def col(key: str) -> list[float]:
+        return [r[key] for r in on_rows if isinstance(r.get(key), int | float)]
+
+    cost: dict[str, Any] = {
+        "step_time_s_memory_on": _median(on_steps), "step_time_s_memory_off": _median(off_steps),
+        "cost_steps_measured": [len(on_steps), len(off_steps)],
+        "ckpt_training_thread_s": _median([r.get("ckpt_blocked_s", 0) + r.get("ckpt_snapshot_s", 0)
+                                           + r.get("ckpt_barrier_s", 0) for r in on_rows
+                                           if "ckpt_snapshot_s" in r]),
+        "ckpt_cpu_s": _median(col("ckpt_cpu_s")), "ckpt_copy_cpu_s": _median(col("ckpt_copy_cpu_s")),
+        "train_cpu_s": _median(col("train_cpu_s")),
+        "pairs_on_off_s": [list(p) for p in pairs]}
+    if cost["step_time_s_memory_on"] and cost["step_time_s_memory_off"]:
+        cost["memory_ckpt_overhead"] = (cost["step_time_s_memory_on"]
+                                        / cost["step_time_s_memory_off"] - 1)
+    if cost["ckpt_cpu_s"] is not None and cost["train_cpu_s"]:
+        cost["memory_ckpt_cpu_share"] = cost["ckpt_cpu_s"] / cost["train_cpu_s"]
+    if cost["ckpt_training_thread_s"] is not None and cost["step_time_s_memory_on"]:
+        cost["training_thread_share"] = (cost["ckpt_training_thread_s"]
+                                         / cost["step_time_s_memory_on"])
+    return cost
+
+
 def summarize(trials: list[dict[str, Any]], cost: dict[str, Any]) -> dict[str, Any]:
     def vals(key: str) -> list[float]:
         return [t[key] for t in trials if isinstance(t.get(key), int | float)]
@@ -346,8 +375,9 @@ def summarize(trials: list[dict[str, Any]], cost: dict[str, Any]) -> dict[str, A
 # -- the command --------------------------------------------------------------------------------
 
 def cmd_chaos(args: argparse.Namespace) -> int:
-    if args.trials < 1:
-        raise ConfigError(f"bad --trials {args.trials} (allowed: >= 1)")
+    if args.trials < 0:
+        raise ConfigError(f"bad --trials {args.trials} (allowed: >= 0; 0 measures only the "
+                          "step-time cost)")
     if args.kill == "node" and args.nodes < 2:
         raise ConfigError("--kill node needs --nodes >= 2 (a peer must hold the replicas)")
     ch = Chaos(args)
@@ -369,12 +399,18 @@ def cmd_chaos(args: argparse.Namespace) -> int:
     if ref.rc != 0 or not ref.summary:
         say(f"the reference run failed (exit {ref.rc}); see {ch.dir}/ref.log")
         return 1
-    on_steps, off_steps = wall_step_times(ref.rows), []
-    for k in range(args.cost_pairs):
+    on_runs, off_runs, on_rows = [wall_step_times(ref.rows)], [], list(ref.rows[2:])
+    for k in range(args.cost_pairs):  # on, off, on, off, ...: the load drifts between runs
         say(f"step-time cost: run {k + 1}/{args.cost_pairs} without in-memory checkpoints...")
-        off_steps += wall_step_times(ch.run(f"cost{k}-off", ["checkpoint.memory_every=0"]).rows)
+        off_runs.append(wall_step_times(ch.run(f"cost{k}-off",
+                                               ["checkpoint.memory_every=0"]).rows))
         if k + 1 < args.cost_pairs:
-            on_steps += wall_step_times(ch.run(f"cost{k}-on", []).rows)
+            on = ch.run(f"cost{k}-on", [])
+            on_runs.append(wall_step_times(on.rows))
+            on_rows += on.rows[2:]
+    pairs = [(_median(a), _median(b)) for a, b in zip(on_runs, off_runs)]
+    on_steps = [x for r in on_runs for x in r]
+    off_steps = [x for r in off_runs for x in r]
     trials: list[dict[str, Any]] = []
     for i in range(args.trials):
         at = args.at_step or ch.rng.randint(min(4, ch.steps - 2), ch.steps - 2)
@@ -403,15 +439,7 @@ def cmd_chaos(args: argparse.Namespace) -> int:
                     args.disk_every / 2 - d["steps_lost"])
         trials.append(t)
         say("  " + _line(t))
-    cost = {"step_time_s_memory_on": _median(on_steps),
-            "step_time_s_memory_off": _median(off_steps),
-            "cost_steps_measured": [len(on_steps), len(off_steps)],
-            "ckpt_training_thread_s": _median([r.get("ckpt_blocked_s", 0) +
-                                               r.get("ckpt_snapshot_s", 0) for r in ref.rows
-                                               if "ckpt_snapshot_s" in r][2:])}
-    if cost["step_time_s_memory_on"] and cost["step_time_s_memory_off"]:
-        cost["memory_ckpt_overhead"] = (cost["step_time_s_memory_on"]
-                                        / cost["step_time_s_memory_off"] - 1)
+    cost = cost_summary(on_steps, off_steps, on_rows, pairs)
     summary = summarize(trials, cost)
     out = {"command": "zentrain chaos " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["chaos"]
            else None, "kill": args.kill, "nodes": args.nodes, "world_size": ch.world,
@@ -507,6 +535,12 @@ def _table(out: dict[str, Any]) -> None:
     if s.get("memory_ckpt_overhead") is not None:
         lines.append(f"step time with / without in-memory checkpoints: "
                      f"{s['step_time_s_memory_on']:.3f} / {s['step_time_s_memory_off']:.3f} s "
-                     f"({100 * s['memory_ckpt_overhead']:+.1f}%)")
+                     f"({100 * s['memory_ckpt_overhead']:+.1f}%, wall clock)")
+    if s.get("memory_ckpt_cpu_share") is not None:
+        lines.append(f"checkpoint CPU per save {s['ckpt_cpu_s'] * 1e3:.0f} ms (copy "
+                     f"{(s['ckpt_copy_cpu_s'] or 0) * 1e3:.0f} ms) vs training thread CPU per "
+                     f"step {s['train_cpu_s'] * 1e3:.0f} ms: "
+                     f"{100 * s['memory_ckpt_cpu_share']:.1f}%; training thread waits "
+                     f"{100 * (s.get('training_thread_share') or 0):.1f}% of a step")
     for line in lines:
         console.print(line)

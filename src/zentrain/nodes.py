@@ -37,7 +37,6 @@ import argparse
 import json
 import logging
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -137,6 +136,7 @@ class AgentSet:
         self.lock = threading.Lock()
         self._stop = threading.Event()
         self._watch: threading.Thread | None = None
+        self._restarted: dict[int, float] = {}
 
     def env(self, node: int) -> dict[str, str]:
         return {"ZENTRAIN_CKPT_AGENTS": ",".join(self.peers), "ZENTRAIN_CKPT_JOB": self.job,
@@ -147,18 +147,30 @@ class AgentSet:
                            local_world=self.local_world, m=self.ck.replicas, job=self.job,
                            forward_bytes_per_s=self.ck.memory_bytes_per_s, timeout_s=20.0)
 
-    def start(self, node: int) -> AgentHandle:
+    def _spawn(self, node: int) -> AgentHandle:
         cfg = self._config(node)
         if self.cluster is None:
-            h = start_agent(cfg, self.listeners[node])
-            h.wait_ready()
-        else:  # the launcher cannot reach into the namespace; workers skip an agent not up yet
-            h = AgentHandle(cfg, self.cluster.popen(node, agent_argv(cfg),
-                                                    stdin=subprocess.DEVNULL,
-                                                    preexec_fn=term_with_parent()))
+            return start_agent(cfg, self.listeners[node])
+        # The launcher cannot reach into the namespace; workers skip an agent not up yet.
+        return AgentHandle(cfg, self.cluster.popen(node, agent_argv(cfg),
+                                                   stdin=subprocess.DEVNULL,
+                                                   preexec_fn=term_with_parent()))
+
+    def start(self, node: int, dead: AgentHandle | None = None) -> AgentHandle | None:
+        """Start node's agent, replacing (SIGKILL, memory wiped) the one running. With
+        ``dead``, only if that handle is still the current one: the watchdog and a node
+        replacement may both notice the same death, and one agent per address is the rule."""
         with self.lock:
+            cur = self.handles[node]
+            if dead is not None and cur is not dead:
+                return None  # restarted by someone else meanwhile
+            if cur is not None:
+                cur.kill()  # waits for it to die; removes its directory
+            h = self._spawn(node)
             self.handles[node] = h
             self._write()
+        if self.cluster is None:
+            h.wait_ready()
         return h
 
     def _write(self) -> None:
@@ -182,10 +194,6 @@ class AgentSet:
 
     def replace(self, node: int) -> None:
         """A lost node's agent: kill it if it still runs, wipe its memory, start afresh."""
-        with self.lock:
-            h, self.handles[node] = self.handles[node], None
-        if h is not None:
-            h.kill()
         self.start(node)
 
     def _watchdog(self) -> None:
@@ -194,13 +202,16 @@ class AgentSet:
                 with self.lock:
                     h = self.handles[i]
                 if h is not None and h.proc.poll() is not None and not self._stop.is_set():
+                    if time.monotonic() - self._restarted.get(i, -1e9) < 2.0:
+                        continue  # it died right after a restart: back off
+                    self._restarted[i] = time.monotonic()
                     log(f"checkpoint agent of node {i} exited ({h.proc.returncode}); "
                         "restarting it")
-                    shutil.rmtree(h.cfg.dir, ignore_errors=True)
                     try:
-                        self.start(i)
-                    except RuntimeError as e:
-                        log(str(e))
+                        self.start(i, dead=h)
+                    except (RuntimeError, OSError) as e:
+                        log(f"could not restart the checkpoint agent of node {i}: {e}")
+                        self._stop.wait(2.0)  # don't spin on a persistent failure
 
     def pids(self) -> list[int | None]:
         with self.lock:

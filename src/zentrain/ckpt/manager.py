@@ -115,6 +115,7 @@ class CheckpointManager:
         self.restored: dict[str, Any] = {}
         self._costs: list[tuple[float, float]] = []
         self._hooked = False
+        self._cpu_mark: float | None = None
         self._write_pid()
 
     # -- restore -------------------------------------------------------------------------------
@@ -229,7 +230,14 @@ class CheckpointManager:
                 out.update(ckpt_barrier_s=prev.barrier_s, ckpt_copy_s=prev.copy_s,
                            ckpt_send_s=prev.background_s - prev.paused_s - prev.copy_s,
                            ckpt_paused_s=prev.paused_s, ckpt_bytes=prev.nbytes,
-                           ckpt_ok=prev.ok)
+                           ckpt_ok=prev.ok, ckpt_cpu_s=prev.cpu_s,
+                           ckpt_copy_cpu_s=prev.copy_cpu_s)
+        # CPU time of the training thread since the last call: what the checkpoint's
+        # background CPU time is compared with (load-independent, unlike wall time).
+        cpu = time.thread_time()
+        if self._cpu_mark is not None:
+            out["train_cpu_s"] = cpu - self._cpu_mark
+        self._cpu_mark = cpu
         if self.ck.every and tr.step % self.ck.every == 0:
             out["persist_blocked_s"] = self.save_persistent(tr)
         self._poll()

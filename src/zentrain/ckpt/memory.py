@@ -94,6 +94,10 @@ class SaveStats:
     """Background thread copied the state (``defer``)."""
     barrier_s: float = 0.0
     """Training thread waited in ``wait_snapshot`` for the deferred copy."""
+    copy_cpu_s: float = 0.0
+    """CPU time of the background copy (wall time on a busy machine says little)."""
+    cpu_s: float = 0.0
+    """CPU time of the background thread for this save: copy, CRCs, handoff or stream."""
     background_s: float = 0.0
     """Background thread: CRCs and transfer, pauses included."""
     paused_s: float = 0.0
@@ -283,13 +287,14 @@ class MemoryCheckpointer:
                 if self._job is None:
                     return
                 (flat, event, st, defer), self._job = self._job, None
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             try:
                 if defer:
                     try:
                         assert self._buf is not None
                         serialize.pack_into(flat, self._buf)
                         st.copy_s = time.perf_counter() - t0
+                        st.copy_cpu_s = time.thread_time() - c0
                     finally:
                         flat = serialize.Flat(flat.tree, [], flat.specs, flat.nbytes)
                         self._copied.set()
@@ -303,6 +308,7 @@ class MemoryCheckpointer:
             except Exception as e:  # noqa: BLE001 - reported; training must go on
                 st.error = f"{type(e).__name__}: {e}"
             st.background_s = time.perf_counter() - t0
+            st.cpu_s = time.thread_time() - c0
             self._report(st)
             with self._cv:
                 self.history.append(st)
