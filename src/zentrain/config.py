@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
-
-import tomllib
 
 from zentrain.compress import CompressConfig
 
