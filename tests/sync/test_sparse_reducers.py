@@ -29,7 +29,9 @@ CONFIGS = {
     "omnireduce": ("omnireduce", {}),
     "zen": ("zen", {}),
     "zen-coo-sort": ("zen", {"pull_format": "coo", "partitioner": "sort"}),
-    "zen-bitmap-tight": ("zen", {"pull_format": "bitmap", "r1_factor": 0.25, "k": 1}),
+    "zen-hash": ("zen", {"partitioner": "hash"}),  # Algorithm 1 (the CPU default sorts)
+    "zen-bitmap-tight": ("zen", {"pull_format": "bitmap", "r1_factor": 0.25, "k": 1,
+                                 "partitioner": "hash"}),
     "auto": ("auto", {"profile_steps": 2, "recheck_every": 5}),
 }
 EPS = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}

@@ -23,6 +23,7 @@ from torch import nn
 from zentrain.sync import comm
 from zentrain.sync.base import GradSync, SparseReducer
 from zentrain.sync.dense import DenseSync
+from zentrain.sync.touched import TouchedRows
 
 
 def embedding_params(model: nn.Module) -> list[nn.Parameter]:
@@ -66,6 +67,7 @@ class SparseSync(GradSync):
 
         super().prepare(model)
         self.tables = embedding_params(model)
+        self.touched = TouchedRows(model, self.tables)
         self.dense = DenseSync(self.group, self.bucket_mb, exclude=set(self.tables),
                                counter=self.counter)
         self.dense.prepare(model)
@@ -77,6 +79,12 @@ class SparseSync(GradSync):
         return _both_no_sync(super().no_sync(), self.dense.no_sync())
 
     def _finish(self) -> dict[str, Any]:
+        try:
+            return self._finish_tables()
+        finally:
+            self.touched.clear()
+
+    def _finish_tables(self) -> dict[str, Any]:
         if self.world_size == 1:
             # No communication; COO grads still become dense for the optimizer.
             for p in self.tables:
@@ -94,7 +102,9 @@ class SparseSync(GradSync):
 
     def _sync_table(self, p: nn.Parameter, reducer: SparseReducer) -> dict[str, Any]:
         num_rows = p.shape[0]
-        idx, vals = rows_of(p.grad, num_rows, p)
+        rows = (self.touched.rows(p, p.grad, num_rows)
+                if p.grad is not None and not p.grad.is_sparse else None)
+        idx, vals = (rows, p.grad[rows]) if rows is not None else rows_of(p.grad, num_rows, p)
         row_numel = vals[0].numel() if vals.dim() > 1 else 1
         rows = comm.gather_ints(
             [num_rows, row_numel, comm.DTYPE_CODES.get(vals.dtype, -1), idx.numel()],
@@ -113,7 +123,10 @@ class SparseSync(GradSync):
             p.grad = dense.div_(self.world_size)
             return {"path": "dense", "density": max_density}
         out_idx, out_vals = reducer.reduce(idx, vals, num_rows)
-        grad = torch.zeros_like(p) if p.grad is None or p.grad.is_sparse else p.grad.zero_()
+        # A dense local gradient is zero outside ``idx``: clearing those rows is enough
+        # (no full-table memset).
+        grad = (torch.zeros_like(p) if p.grad is None or p.grad.is_sparse
+                else p.grad.index_fill_(0, idx, 0))
         grad.index_copy_(0, out_idx, out_vals.to(grad.dtype).div_(self.world_size))
         p.grad = grad
         return {"path": reducer.name, "density": max_density, **reducer.last_stats}

@@ -48,8 +48,11 @@ class ZenReducer(ParallelReducer):
         k: second-level hash functions before the serial region (paper: 3).
         r1_factor: parallel hash memory = ``r1_factor · nnz`` slots (paper: 2).
         r2_fraction: nominal serial region = ``r2_fraction · r1`` (paper: 0.1).
-        partitioner: ``"hash"`` (Algorithm 1) or ``"sort"`` (stable sort on h0; same
-            partition, a baseline for benchmarks).
+        partitioner: ``"hash"`` (Algorithm 1), ``"sort"`` (stable sort on h0: the same
+            servers for every index, hence the same bytes and sums) or ``"auto"``: Algorithm 1
+            on CUDA, where it was designed to replace a sort, and the sort on CPU, where
+            the sort is 3-4x faster (measured 0.2 vs 0.8 ms at 4k indices, 27 vs 93 ms at
+            400k, one thread).
         pull_format: ``"auto"`` (hash bitmap where smaller than COO), ``"coo"`` or
             ``"bitmap"`` (forced, for ablations).
     """
@@ -59,14 +62,14 @@ class ZenReducer(ParallelReducer):
     def __init__(
         self, group: dist.ProcessGroup | None, counter: ByteCounter, *,
         seed: int | None = None, k: int = 3, r1_factor: float = 2.0,
-        r2_fraction: float = 0.1, partitioner: Literal["hash", "sort"] = "hash",
+        r2_fraction: float = 0.1, partitioner: Literal["auto", "hash", "sort"] = "auto",
         pull_format: Literal["auto", "coo", "bitmap"] = "auto",
     ) -> None:
         super().__init__(group, counter)
         if k < 1 or r1_factor <= 0 or r2_fraction < 0:
             raise ValueError(f"zen: need k >= 1, r1_factor > 0, r2_fraction >= 0 "
                              f"(got k={k}, r1_factor={r1_factor}, r2_fraction={r2_fraction})")
-        if partitioner not in ("hash", "sort") or pull_format not in ("auto", "coo", "bitmap"):
+        if partitioner not in ("auto", "hash", "sort") or pull_format not in ("auto", "coo", "bitmap"):
             raise ValueError(f"zen: bad partitioner={partitioner!r} or pull_format={pull_format!r}")
         self.k, self.r1_factor, self.r2_fraction = k, r1_factor, r2_fraction
         self.partitioner, self.pull_format = partitioner, pull_format
@@ -78,7 +81,10 @@ class ZenReducer(ParallelReducer):
 
     def _partition(self, idx: torch.Tensor, num_rows: int) -> Partition:
         n = self.world_size
-        if self.partitioner == "sort":
+        how = self.partitioner
+        if how == "auto":
+            how = "hash" if idx.device.type == "cuda" else "sort"
+        if how == "sort":
             part = sort_partition(idx, n, self.seeds)
         else:
             r1 = max(1, math.ceil(self.r1_factor * idx.numel()))
