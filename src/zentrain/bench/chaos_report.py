@@ -1,0 +1,105 @@
+"""The ``zentrain chaos`` part of docs/benchmarks.md: the recovery issue's targets.
+
+Targets (checked on each chaos result): steps lost per failure <= 1, every trial bit-identical
+to the uninterrupted run, recovery >= 3x faster than from a persistent checkpoint taken every
+``disk_every`` steps, and per-step in-memory checkpoints costing <= 5% of the step time.
+The step-time cost is shown two ways: wall clock with vs without (noisy when ranks share
+cores with other work) and the checkpoint's CPU time against the training thread's.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+PHASES = ("detect", "stop", "rendezvous", "spawn", "import", "init", "load", "steps")
+
+
+def is_chaos_result(data: dict[str, Any]) -> bool:
+    return isinstance(data, dict) and "trials" in data and "summary" in data and "kill" in data
+
+
+def check_chaos_targets(path: Path, data: dict[str, Any]) -> list[dict[str, Any]]:
+    s, kill = data["summary"], data["kill"]
+    out: list[dict[str, Any]] = []
+
+    def add(text: str, measured: str, required: str, met: bool, reason: str = "") -> None:
+        out.append({"target": f"{kill} kill: {text}", "source": path, "measured": measured,
+                    "required": required, "met": met, "reason": None if met else reason})
+
+    if kill == "agent" or not s.get("trials"):
+        return out
+    add("steps lost per failure", f"{s['steps_lost_max']} (max)", "<= 1",
+        s["steps_lost_max"] is not None and s["steps_lost_max"] <= 1)
+    add("trials bit-identical to the uninterrupted run", f"{s['bit_identical']}/{s['trials']}",
+        "all", s["bit_identical"] == s["trials"])
+    ratio = s.get("disk_over_memory")
+    if ratio is not None:
+        add(f"recovery vs a persistent checkpoint every {data['trials'][0].get('disk_every')} "
+            "steps", f"{ratio:.1f}x faster", ">= 3x", ratio >= 3)
+    over = s.get("memory_ckpt_overhead")
+    if over is not None:
+        share = s.get("memory_ckpt_cpu_share")
+        why = ("" if share is None else
+               f"the checkpoint's own CPU time is {100 * share:.1f}% of the training "
+               "thread's per step; the rest of the wall-clock difference is the background "
+               "copy, CRCs and the agent competing with training for the same cores")
+        add("step-time cost of per-step in-memory checkpoints (wall clock)",
+            f"{100 * over:+.1f}%", "<= 5%", over <= 0.05, why)
+    return out
+
+
+def _f(v: Any, fmt: str = "{:.2f}") -> str:
+    return "–" if v is None else fmt.format(v)
+
+
+def render_chaos_section(results: list[tuple[Path, dict[str, Any]]], rel: Any,
+                         md_table: Any) -> list[str]:
+    lines = ["## Failure recovery (`zentrain chaos`)", "",
+             "Each trial SIGKILLs a process of a real `zentrain run` (deterministic mode) and "
+             "measures the restart against an uninterrupted reference run; the same kill is "
+             "repeated with in-memory checkpoints off and a persistent (DCP) checkpoint, "
+             "whose recovery is charged the recomputation of the 50 steps a checkpoint every "
+             "100 steps loses on average (docs/recovery.md).", "", "### Targets", ""]
+    checks = [c for p, d in results for c in check_chaos_targets(p, d)]
+    lines += md_table(["target", "result", "measured", "required", "met"], [
+        [c["target"], f"[{c['source'].stem}]({rel(c['source'])})", c["measured"],
+         c["required"], "yes" if c["met"] else "**no**"] for c in checks])
+    missed = [c for c in checks if not c["met"]]
+    if missed:
+        lines += ["", "Missed, and why:", ""]
+        lines += [f"- **{c['target']}** ({c['source'].stem}): {c['measured']}; "
+                  f"{c['reason'] or 'see the trials below'}." for c in missed]
+    lines += ["", "### Results", ""]
+    for path, d in results:
+        s, m = d["summary"], d.get("machine", {})
+        load = m.get("loadavg_at_end") or [float("nan")]
+        lines += [f"#### {d['kill']} kill: {d.get('nodes', 1)} node(s), {d.get('world_size')} "
+                  f"ranks, {d.get('steps')} steps", "", "```", str(d.get("command")), "```", "",
+                  f"{m.get('cpus')} CPUs, Python {m.get('python')}, load average "
+                  f"{load[0]:.1f} at the end. Data: [{path.name}]({rel(path)}).", ""]
+        lines += md_table(["figure", "value"], [
+            ["trials bit-identical", f"{s.get('bit_identical')}/{s.get('trials')}"],
+            ["steps lost (max / mean)", f"{s.get('steps_lost_max')} / "
+             f"{_f(s.get('steps_lost_mean'))}"],
+            ["recovery s (mean / median)", f"{_f(s.get('recovery_s_mean'))} / "
+             f"{_f(s.get('recovery_s_median'))}"],
+            ["recovery from disk s, measured part (mean)",
+             _f(s.get("recovery_s_disk_measured_mean"))],
+            ["recovery from disk s, with the lost steps recomputed (mean)",
+             _f(s.get("recovery_s_disk_mean"))],
+            ["disk / memory", _f(s.get("disk_over_memory"), "{:.1f}x")],
+            ["step s with / without in-memory checkpoints (median, wall)",
+             f"{_f(s.get('step_time_s_memory_on'), '{:.3f}')} / "
+             f"{_f(s.get('step_time_s_memory_off'), '{:.3f}')}"],
+            ["checkpoint CPU s per save / training-thread CPU s per step",
+             f"{_f(s.get('ckpt_cpu_s'), '{:.3f}')} / {_f(s.get('train_cpu_s'), '{:.3f}')}"],
+            ["training thread blocked by the checkpoint per step s",
+             _f(s.get("ckpt_training_thread_s"), "{:.4f}")],
+        ]) + [""]
+        bd = s.get("breakdown_mean") or {}
+        if bd:
+            lines += ["Mean recovery breakdown, seconds (`steps` = the lost step recomputed "
+                      "and the first new one):", ""]
+            lines += md_table(list(PHASES), [[_f(bd.get(k)) for k in PHASES]]) + [""]
+    return lines
