@@ -174,7 +174,10 @@ def gather_ints(values: list[int], counter: ByteCounter,
     n = world(group)
     if n == 1:
         return [list(values)]
-    mine = torch.tensor(values, dtype=torch.int64)
-    allv = torch.empty(n * len(values), dtype=torch.int64)
+    # NCCL only moves CUDA tensors; gloo either.
+    dev = (torch.device("cuda", torch.cuda.current_device())
+           if dist.get_backend(group) == "nccl" else torch.device("cpu"))
+    mine = torch.tensor(values, dtype=torch.int64, device=dev)
+    allv = torch.empty(n * len(values), dtype=torch.int64, device=dev)
     all_gather(allv, mine, counter, group)
     return allv.view(n, len(values)).tolist()

@@ -6,7 +6,7 @@ accepted in both forms the issue names: a torch sparse COO tensor (``sparse=True
 embeddings) or a dense tensor whose untouched rows are zero. Either way only the non-zero
 rows travel; the result is written back as a dense gradient so any optimizer works.
 
-Before any payload moves, one small all-gather per table exchanges (rows, row width, dtype,
+Before any payload moves, one small all-gather (for all tables at once) exchanges (rows, row width, dtype,
 nnz): mismatched tables across ranks become a clear error on every rank instead of a hang,
 and the agreed maximum density decides — identically on all ranks — whether the table is
 sent dense instead (``dense_threshold``), where sparse formats stop paying (ZEN §2.2).
@@ -95,20 +95,31 @@ class SparseSync(GradSync):
         # Dense buckets first: a bucket left waiting on a parameter unused on this rank must
         # be issued before the table collectives, in the same place on every rank.
         self.dense.launch_remaining()
-        for i, (p, reducer) in enumerate(zip(self.tables, self.reducers)):
-            extra.update({f"table{i}.{k}": v for k, v in self._sync_table(p, reducer).items()})
+        local = [self._local_rows(p) for p in self.tables]
+        # One small all-gather for every table's (rows, width, dtype, nnz): mismatches become
+        # a clear error before any payload moves, and the density decision is the same on
+        # every rank. One collective per step rather than one per table: on a slow or shared
+        # link each collective costs a round of latency.
+        mine = [v for p, (idx, vals) in zip(self.tables, local) for v in (
+            p.shape[0], vals[0].numel() if vals.dim() > 1 else 1,
+            comm.DTYPE_CODES.get(vals.dtype, -1), idx.numel())]
+        allr = comm.gather_ints(mine, self.counter, self.group)
+        for i, (p, reducer, (idx, vals)) in enumerate(zip(self.tables, self.reducers, local)):
+            rows = [r[4 * i: 4 * i + 4] for r in allr]
+            extra.update({f"table{i}.{k}": v
+                          for k, v in self._sync_table(p, reducer, idx, vals, rows).items()})
         self.dense._finish()
         return extra
 
-    def _sync_table(self, p: nn.Parameter, reducer: SparseReducer) -> dict[str, Any]:
+    def _local_rows(self, p: nn.Parameter) -> tuple[torch.Tensor, torch.Tensor]:
         num_rows = p.shape[0]
         rows = (self.touched.rows(p, p.grad, num_rows)
                 if p.grad is not None and not p.grad.is_sparse else None)
-        idx, vals = (rows, p.grad[rows]) if rows is not None else rows_of(p.grad, num_rows, p)
-        row_numel = vals[0].numel() if vals.dim() > 1 else 1
-        rows = comm.gather_ints(
-            [num_rows, row_numel, comm.DTYPE_CODES.get(vals.dtype, -1), idx.numel()],
-            self.counter, self.group)
+        return (rows, p.grad[rows]) if rows is not None else rows_of(p.grad, num_rows, p)
+
+    def _sync_table(self, p: nn.Parameter, reducer: SparseReducer, idx: torch.Tensor,
+                    vals: torch.Tensor, rows: list[list[int]]) -> dict[str, Any]:
+        num_rows = p.shape[0]
         shapes = [r[:3] for r in rows]
         if any(s != shapes[0] for s in shapes):
             desc = "; ".join(f"rank {i}: rows={s[0]} width={s[1]} dtype={s[2]}"
