@@ -196,3 +196,30 @@ def test_worker_densifies_sparse_grads_before_clip_and_step(monkeypatch):
         g = emb.weight.grad
         assert g[2].tolist() == ([2.0] * 3 if not use_clip else [g[2, 0].item()] * 3)
         assert g[0].abs().sum() == 0 and g[2, 0] == 2 * g[1, 0]
+
+
+def test_sweep_result_plots_and_reports_every_point(tmp_path):
+    """A --world/--bandwidth sweep: one plot of throughput vs bandwidth and world size, and
+    a table per point (figures from synthetic points; no processes)."""
+    pts = []
+    for world, bw, bits in ((2, "100mbit", 10**8), (4, "1gbit", 10**9), (4, "100mbit", 10**8)):
+        p = _point(zen_step=1.0 if bits == 10**9 else 1.5)
+        p.update(world=world, bandwidth=bw, bandwidth_bits=bits)
+        pts.append(p)
+    res = {"config": {"workload": "deepfm", "world": [2, 4], "bandwidth": ["100mbit", "1gbit"],
+                      "command": "zentrain bench e2e ...", "steps": 30, "warmup_steps": 6,
+                      "systems": ["ddp", "ddp-sparse", "zen"],
+                      "repeat": 1, "batch_size": 256, "date": "now", "wall_time_s": 60.0},
+           "machine": {"cores": 2, "cpu_model": "x", "load_avg_start": [0.0],
+                       "load_avg_end": [0.0]},
+           "points": pts}
+    png = tmp_path / "sweep.png"
+    report.plot(res, png)
+    assert png.stat().st_size > 1000
+    md = tmp_path / "b.md"
+    (tmp_path / "sweep.json").write_text(json.dumps(res))
+    assert report.main([str(tmp_path / "sweep.json"), "--out", str(md)]) == 0
+    text = md.read_text()
+    assert text.count("##### ") == 3 and "4 ranks, bandwidth 100mbit" in text
+    # The 4-rank 1 Gbit/s point measures the DeepFM targets; the others do not.
+    assert "DeepFM, 4 ranks, 1 Gbit/s: zen >= 3x ddp" in text
