@@ -29,6 +29,9 @@ class _Bucket:
         self.ready: set[int] = set()
         self.work: Any = None
         self.flat: torch.Tensor | None = None
+        self.buf: torch.Tensor | None = None
+        """Kept across steps (like DDP's buckets): a fresh multi-MB tensor per step costs
+        page faults and zero-fills on every step."""
 
 
 class DenseSync(GradSync):
@@ -91,7 +94,10 @@ class DenseSync(GradSync):
             elif p.grad.is_sparse:
                 p.grad = p.grad.to_dense()
             grads.append(p.grad.reshape(-1))
-        b.flat = torch.cat(grads).div_(self.world_size)
+        like = grads[0]
+        if b.buf is None or b.buf.dtype != like.dtype or b.buf.device != like.device:
+            b.buf = torch.empty(b.numel, dtype=like.dtype, device=like.device)
+        b.flat = torch.cat(grads, out=b.buf).div_(self.world_size)
         b.work = comm.all_reduce(b.flat, self.counter, self.group, async_op=True)
 
     def launch_remaining(self) -> None:

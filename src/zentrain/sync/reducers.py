@@ -110,15 +110,23 @@ class RowReducer(SparseReducer):
         Returns each rank's ``extra`` (rank order). ``extra`` must have the same length on
         every rank (it does: its length depends only on the world size).
         """
-        row = tuple(values.shape[1:]) if values.dim() >= 1 else ()
-        dims = (list(row) + [-1] * 4)[:4]
-        header = [num_rows, DTYPE_CODES.get(values.dtype, 99), len(row), *dims,
-                  _shape_hash(row), err]
-        mine = torch.tensor(header + list(extra), dtype=torch.int64, device=values.device)
+        mine = torch.tensor(self._meta_row(values, num_rows, err, extra), dtype=torch.int64,
+                            device=values.device)
         n = self.world_size
         allv = torch.empty(n * mine.numel(), dtype=torch.int64, device=values.device)
         comm.all_gather(allv, mine, self.counter, self.group)
-        rows = allv.view(n, -1).tolist()
+        return self._check_meta(allv.view(n, -1).tolist())
+
+    @staticmethod
+    def _meta_row(values: torch.Tensor, num_rows: int, err: int, extra: list[int]) -> list[int]:
+        row = tuple(values.shape[1:]) if values.dim() >= 1 else ()
+        dims = (list(row) + [-1] * 4)[:4]
+        return [num_rows, DTYPE_CODES.get(values.dtype, 99), len(row), *dims,
+                _shape_hash(row), err, *extra]
+
+    def _check_meta(self, rows: list[list[int]]) -> list[list[int]]:
+        """Every rank's meta row (same on all ranks) -> their ``extra``s, or the error."""
+        n = len(rows)
         bad = [(r, rows[r][_HEADER - 1]) for r in range(n) if rows[r][_HEADER - 1]]
         if bad:
             what = "; ".join(f"rank {r}: {_ERRORS.get(c, c)}" for r, c in bad)

@@ -23,6 +23,7 @@ from torch import nn
 from zentrain.sync import comm
 from zentrain.sync.base import GradSync, SparseReducer
 from zentrain.sync.dense import DenseSync
+from zentrain.sync.omnireduce import ParallelReducer, reduce_tables
 from zentrain.sync.touched import TouchedRows
 
 
@@ -68,6 +69,8 @@ class SparseSync(GradSync):
         super().prepare(model)
         self.tables = embedding_params(model)
         self.touched = TouchedRows(model, self.tables)
+        self._index = {id(p): i for i, p in enumerate(self.tables)}
+        self._density = [0.0] * len(self.tables)
         self.dense = DenseSync(self.group, self.bucket_mb, exclude=set(self.tables),
                                counter=self.counter)
         self.dense.prepare(model)
@@ -104,10 +107,31 @@ class SparseSync(GradSync):
             p.shape[0], vals[0].numel() if vals.dim() > 1 else 1,
             comm.DTYPE_CODES.get(vals.dtype, -1), idx.numel())]
         allr = comm.gather_ints(mine, self.counter, self.group)
-        for i, (p, reducer, (idx, vals)) in enumerate(zip(self.tables, self.reducers, local)):
-            rows = [r[4 * i: 4 * i + 4] for r in allr]
-            extra.update({f"table{i}.{k}": v
-                          for k, v in self._sync_table(p, reducer, idx, vals, rows).items()})
+        sparse: list[int] = []
+        for i, p in enumerate(self.tables):
+            path = self._check_table(p, [r[4 * i: 4 * i + 4] for r in allr])
+            if path["path"] == "dense":
+                extra.update({f"table{i}.{k}": v for k, v in path.items()})
+            else:
+                sparse.append(i)
+        reds = [self.reducers[i] for i in sparse]
+        calls = [(local[i][0], local[i][1], self.tables[i].shape[0]) for i in sparse]
+        if len(reds) > 1 and all(type(r) is type(reds[0]) and isinstance(r, ParallelReducer)
+                                 for r in reds):
+            # ZEN / OmniReduce: all tables in one pipeline, four collectives per step.
+            outs = reduce_tables(reds, calls)  # type: ignore[arg-type]
+        else:
+            outs = [r.reduce(*c) for r, c in zip(reds, calls)]
+        for i, (out_idx, out_vals) in zip(sparse, outs):
+            p, reducer, idx = self.tables[i], self.reducers[i], local[i][0]
+            # A dense local gradient is zero outside ``idx``: clearing those rows is
+            # enough (no full-table memset).
+            grad = (torch.zeros_like(p) if p.grad is None or p.grad.is_sparse
+                    else p.grad.index_fill_(0, idx, 0))
+            grad.index_copy_(0, out_idx, out_vals.to(grad.dtype).div_(self.world_size))
+            p.grad = grad
+            extra.update({f"table{i}.{k}": v for k, v in {
+                "path": reducer.name, "density": self._density[i], **reducer.last_stats}.items()})
         self.dense._finish()
         return extra
 
@@ -117,8 +141,9 @@ class SparseSync(GradSync):
                 if p.grad is not None and not p.grad.is_sparse else None)
         return (rows, p.grad[rows]) if rows is not None else rows_of(p.grad, num_rows, p)
 
-    def _sync_table(self, p: nn.Parameter, reducer: SparseReducer, idx: torch.Tensor,
-                    vals: torch.Tensor, rows: list[list[int]]) -> dict[str, Any]:
+    def _check_table(self, p: nn.Parameter, rows: list[list[int]]) -> dict[str, Any]:
+        """Shapes agree on every rank (else a clear error); a table denser than
+        ``dense_threshold`` on any rank is all-reduced dense right here."""
         num_rows = p.shape[0]
         shapes = [r[:3] for r in rows]
         if any(s != shapes[0] for s in shapes):
@@ -127,20 +152,14 @@ class SparseSync(GradSync):
             raise ValueError(f"embedding gradient of shape {tuple(p.shape)} differs across "
                              f"ranks ({desc}); every rank must hold the same model")
         max_density = max(r[3] for r in rows) / max(1, num_rows)
+        self._density[self._index[id(p)]] = max_density
         if max_density > self.dense_threshold:
             dense = p.grad.to_dense() if p.grad is not None and p.grad.is_sparse else (
                 p.grad if p.grad is not None else torch.zeros_like(p))
             comm.all_reduce(dense, self.counter, self.group)
             p.grad = dense.div_(self.world_size)
             return {"path": "dense", "density": max_density}
-        out_idx, out_vals = reducer.reduce(idx, vals, num_rows)
-        # A dense local gradient is zero outside ``idx``: clearing those rows is enough
-        # (no full-table memset).
-        grad = (torch.zeros_like(p) if p.grad is None or p.grad.is_sparse
-                else p.grad.index_fill_(0, idx, 0))
-        grad.index_copy_(0, out_idx, out_vals.to(grad.dtype).div_(self.world_size))
-        p.grad = grad
-        return {"path": reducer.name, "density": max_density, **reducer.last_stats}
+        return {"path": "sparse", "density": max_density}
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "reducers": [r.state_dict() for r in self.reducers]}

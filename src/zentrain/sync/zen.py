@@ -122,11 +122,9 @@ class ZenReducer(ParallelReducer):
             return self._universe.decode(server, raw[: self._universe.bitmap_bytes(server)])
         return super()._decode_index(server, raw, fmt, rows, idt)
 
-    def _reduce(self, indices, values, num_rows):
-        out = super()._reduce(indices, values, num_rows)
+    def _finish_stats(self) -> None:
         self.last_stats["hash_s"] = self._codec_s
         self.last_stats.setdefault("serial", 0)
-        return out
 
     def state_dict(self) -> dict[str, Any]:
         return {"seeds": self.seeds.as_list()}
