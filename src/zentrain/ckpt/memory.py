@@ -30,7 +30,6 @@ import sys
 import threading
 import time
 import warnings
-import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -347,7 +346,7 @@ class MemoryCheckpointer:
                     tp = time.perf_counter()
                     self._clear.wait(cfg.timeout_s)
                     st.paused_s += time.perf_counter() - tp
-                crcs.append(zlib.crc32(data[off:off + chunk]))
+                crcs.append(serialize.checksum(data[off:off + chunk]))
             data.release()
             header = serialize.make_header(flat, crcs, chunk)
             request(cfg.agents[cfg.node], {"op": "adopt", "job": cfg.job, "rank": self.rank,

@@ -12,9 +12,11 @@ leaves — model, optimizer, loader and RNG state) becomes:
 Loading only parses JSON and reinterprets bytes (dtypes from a fixed allow-list), so a
 checkpoint cannot execute code — the guarantee ``torch.load(weights_only=True)`` aims for,
 without the unpickler. Per-chunk CRCs let the receiver check each chunk as it arrives and
-name the first bad one. CRC-32 (zlib) rather than a cryptographic hash: it detects torn
-and flipped data, runs at GB/s and releases the GIL; it is not a defence against someone
-who can write the agent's memory.
+name the first bad one. CRC-32C (the ``crc32c`` package: SSE4.2/ARMv8 instructions,
+several GB/s, releases the GIL) rather than a cryptographic hash: it detects torn and
+flipped data and costs a few ms per step on a 60 MB state, where zlib's CRC-32 took
+~35 ms of the background thread's CPU; it is not a defence against someone who can write
+the agent's memory.
 
 torch is imported lazily: the checkpoint agent only checks headers and CRCs and starts in
 a fraction of the time without it.
@@ -24,14 +26,15 @@ from __future__ import annotations
 
 import json
 import struct
-import zlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+from crc32c import crc32c as checksum
 
 if TYPE_CHECKING:
     import torch
 
-FORMAT = "zentrain-ckpt/1"
+FORMAT = "zentrain-ckpt/2"  # 2: CRC-32C checksums (1: zlib CRC-32)
 ALIGN = 64
 DEFAULT_CHUNK = 4 << 20
 _DTYPES = ("float64", "float32", "float16", "bfloat16", "complex64", "complex128",
@@ -132,9 +135,9 @@ def _view(buf: torch.Tensor, s: dict[str, Any]) -> torch.Tensor:
 
 
 def chunk_crcs(data: Any, chunk: int = DEFAULT_CHUNK) -> list[int]:
-    """CRC-32 of each ``chunk`` bytes of a bytes-like payload."""
+    """CRC-32C of each ``chunk`` bytes of a bytes-like payload."""
     mv = memoryview(data).cast("B")
-    return [zlib.crc32(mv[i:i + chunk]) for i in range(0, len(mv), chunk)]
+    return [checksum(mv[i:i + chunk]) for i in range(0, len(mv), chunk)]
 
 
 def make_header(flat: Flat, crcs: list[int], chunk: int = DEFAULT_CHUNK) -> dict[str, Any]:
@@ -146,7 +149,7 @@ def make_header(flat: Flat, crcs: list[int], chunk: int = DEFAULT_CHUNK) -> dict
 
 def _header_crc(h: dict[str, Any]) -> int:
     body = {k: v for k, v in h.items() if k != "header_crc"}
-    return zlib.crc32(json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
+    return checksum(json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
 
 
 def check_header(h: Any) -> None:
@@ -186,7 +189,7 @@ def _numel(shape: list[int]) -> int:
 
 
 def verify_chunk(h: dict[str, Any], index: int, data: Any) -> None:
-    if zlib.crc32(data) != h["crcs"][index]:
+    if checksum(data) != h["crcs"][index]:
         raise CorruptCheckpoint(f"payload chunk {index} checksum mismatch")
 
 
