@@ -97,6 +97,7 @@ class _Job:
     vals: torch.Tensor
     num_rows: int
     part: Partition | None
+    err: int = 0
     idt: torch.dtype = torch.int32
     rb: int = 0
     splits: list[list[int]] = field(default_factory=list)
@@ -152,21 +153,17 @@ def parallel_reduce(reducers: list[ParallelReducer],
             part = red._partition(idx, num_rows)
             _sync(dev)
             red._codec_s += time.perf_counter() - t0
-        job = _Job(red, values, idx, vals, num_rows, part, index_dtype(num_rows),
-                   row_nbytes(vals))
-        job.splits = [part.splits if part else [0] * n, err]  # type: ignore[list-item]
-        jobs.append(job)
+        jobs.append(_Job(red, values, idx, vals, num_rows, part, err, index_dtype(num_rows),
+                         row_nbytes(vals)))
     # 2. Metadata: one all-gather of every table's header + splits (checks first).
-    mine = [v for j in jobs for v in j.red._meta_row(j.values, j.num_rows, j.splits[1],
-                                                      j.splits[0])]
+    mine = [v for j in jobs for v in j.red._meta_row(
+        j.values, j.num_rows, j.err, j.part.splits if j.part else [0] * n)]
     allv = torch.empty(n * len(mine), dtype=torch.int64, device=dev)
     comm.all_gather(allv, torch.tensor(mine, dtype=torch.int64, device=dev), counter, group)
     rows_all = allv.view(n, -1).tolist()
-    off = 0
-    for j in jobs:
-        size = len(mine) // len(jobs)  # every table's row has the same length (n splits)
-        j.splits = j.red._check_meta([r[off: off + size] for r in rows_all])
-        off += size
+    size = len(mine) // len(jobs)  # every table's row has the same length (n splits)
+    for t, j in enumerate(jobs):
+        j.splits = j.red._check_meta([r[t * size: (t + 1) * size] for r in rows_all])
     _push(jobs, n, me, dev, counter, group)
     # 4-5. Pull.
     sizes = torch.empty(n * len(jobs), dtype=torch.int64, device=dev)

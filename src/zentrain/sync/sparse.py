@@ -69,8 +69,6 @@ class SparseSync(GradSync):
         super().prepare(model)
         self.tables = embedding_params(model)
         self.touched = TouchedRows(model, self.tables)
-        self._index = {id(p): i for i, p in enumerate(self.tables)}
-        self._density = [0.0] * len(self.tables)
         self.dense = DenseSync(self.group, self.bucket_mb, exclude=set(self.tables),
                                counter=self.counter)
         self.dense.prepare(model)
@@ -108,8 +106,10 @@ class SparseSync(GradSync):
             comm.DTYPE_CODES.get(vals.dtype, -1), idx.numel())]
         allr = comm.gather_ints(mine, self.counter, self.group)
         sparse: list[int] = []
+        density: dict[int, float] = {}
         for i, p in enumerate(self.tables):
             path = self._check_table(p, [r[4 * i: 4 * i + 4] for r in allr])
+            density[i] = path["density"]
             if path["path"] == "dense":
                 extra.update({f"table{i}.{k}": v for k, v in path.items()})
             else:
@@ -131,7 +131,7 @@ class SparseSync(GradSync):
             grad.index_copy_(0, out_idx, out_vals.to(grad.dtype).div_(self.world_size))
             p.grad = grad
             extra.update({f"table{i}.{k}": v for k, v in {
-                "path": reducer.name, "density": self._density[i], **reducer.last_stats}.items()})
+                "path": reducer.name, "density": density[i], **reducer.last_stats}.items()})
         self.dense._finish()
         return extra
 
@@ -152,7 +152,6 @@ class SparseSync(GradSync):
             raise ValueError(f"embedding gradient of shape {tuple(p.shape)} differs across "
                              f"ranks ({desc}); every rank must hold the same model")
         max_density = max(r[3] for r in rows) / max(1, num_rows)
-        self._density[self._index[id(p)]] = max_density
         if max_density > self.dense_threshold:
             dense = p.grad.to_dense() if p.grad is not None and p.grad.is_sparse else (
                 p.grad if p.grad is not None else torch.zeros_like(p))
