@@ -183,7 +183,9 @@ def _bytes_case(rank: int, world: int, num_rows: int, density: float, row: int) 
     got = {}
     for name in ("allreduce", "agsparse", "sparcml", "omnireduce", "zen"):
         c = ByteCounter()
-        red = build_reducer(name, None, c)
+        # A fixed hash seed: the imbalance below is a draw of balls into bins, so a random
+        # seed makes it a coin toss near the bound (CI once saw 1.124 at 2,000 rows/rank).
+        red = build_reducer(name, None, c, **({"seed": 3} if name == "zen" else {}))
         before = c.recv
         red.reduce(idx, vals, num_rows)
         got[name] = {"recv": c.recv - before,
@@ -209,7 +211,14 @@ def test_bytes_zen_vs_dense_and_agsparse_growth():
     for name in ("allreduce", "agsparse", "zen", "sparcml"):
         pred = cost.COST_FNS[name](w).recv_bytes
         assert math.isclose(recv[name], pred, rel_tol=0.1), (name, recv[name], pred)
-    assert four[0]["zen"]["push_imbalance"] < 1.1 and four[0]["zen"]["pull_imbalance"] < 1.1
+    # Def. 8 imbalance of a hash partition is balls into bins: with m rows per worker the
+    # fullest of n bins sits about sqrt((n-1)/m) above the mean per standard deviation, so
+    # 2,000 rows/worker gets 4 sigma of room (ZEN's <= 1.1 is for |G|*d >= 1e5, tested in
+    # test_zen_hashing.py).
+    m = int(density * num_rows)
+    bound = 1 + 4 * math.sqrt(3 / m)
+    for r in four:
+        assert r["zen"]["push_imbalance"] < bound and r["zen"]["pull_imbalance"] < bound, r
 
 
 def _skew_case(rank: int, world: int) -> dict:
@@ -219,7 +228,7 @@ def _skew_case(rank: int, world: int) -> dict:
     vals = torch.ones(idx.numel(), 4)
     out = {}
     for name in ("omnireduce", "zen"):
-        red = build_reducer(name, None, ByteCounter())
+        red = build_reducer(name, None, ByteCounter(), **({"seed": 3} if name == "zen" else {}))
         red.reduce(idx, vals, num_rows)
         out[name] = {k: red.last_stats[k] for k in ("push_imbalance", "pull_imbalance",
                                                      "bytes_recv")}
