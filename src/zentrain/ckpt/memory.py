@@ -175,20 +175,10 @@ class MemoryCheckpointer:
         t1 = time.perf_counter()
         flat = serialize.flatten(state)
         cuda = any(t.is_cuda for t in flat.tensors)
-        fill = self._claim_fill(flat.nbytes) if self._dir is not None and not cuda else None
-        if fill is not None:
-            self._buf = None
-            self._buf = torch.frombuffer(fill[1], dtype=torch.uint8) if flat.nbytes else \
-                serialize.new_buffer(0)
-            self._sig = None
-        elif flat.signature != self._sig or self._buf is None:
-            self._buf = None  # free the old buffer first
-            self._buf = serialize.new_buffer(flat.nbytes, pin=cuda)
-            self._sig = flat.signature
         defer = defer and not cuda
-        if not defer:
+        if not defer:  # deferred: the background thread maps its buffer (MAP_POPULATE costs)
+            self._take_buffer(flat, cuda)
             serialize.pack_into(flat, self._buf, non_blocking=cuda)
-        self._fill = fill
         event = None
         if cuda:  # later kernels on this stream run after the copies: no sync needed here
             event = torch.cuda.Event()
@@ -250,6 +240,21 @@ class MemoryCheckpointer:
                 w[i] = 0
             self._clear.set()
 
+    def _take_buffer(self, flat: serialize.Flat, cuda: bool) -> None:
+        """Point ``self._buf`` at where this snapshot goes: a file the local agent adopts
+        (no second copy), else a buffer kept while the state's layout stays the same."""
+        fill = self._claim_fill(flat.nbytes) if self._dir is not None and not cuda else None
+        self._fill = fill
+        if fill is not None:
+            self._buf = None
+            self._buf = torch.frombuffer(fill[1], dtype=torch.uint8) if flat.nbytes else \
+                serialize.new_buffer(0)
+            self._sig = None
+        elif flat.signature != self._sig or self._buf is None:
+            self._buf = None  # free the old buffer first
+            self._buf = serialize.new_buffer(flat.nbytes, pin=cuda)
+            self._sig = flat.signature
+
     def _claim_fill(self, nbytes: int) -> tuple[str, mmap.mmap] | None:
         """A file in the agent's directory to snapshot into: a shard the agent dropped
         (its pages are already allocated), else a new one. Mapped shared."""
@@ -268,7 +273,11 @@ class MemoryCheckpointer:
             try:
                 if os.fstat(fd).st_size != nbytes:
                     os.ftruncate(fd, nbytes)
-                mm = mmap.mmap(fd, max(nbytes, 1))
+                # MAP_POPULATE maps every page up front in one call: a recycled shard's
+                # pages exist already, and faulting them in one by one during the copy
+                # made it ~2x slower (60 MB: 32 ms -> 5 + 14 ms here).
+                mm = mmap.mmap(fd, max(nbytes, 1),
+                               flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
             finally:
                 os.close(fd)
         except OSError as e:  # agent gone (directory removed), tmpfs full: use TCP
@@ -290,6 +299,7 @@ class MemoryCheckpointer:
             try:
                 if defer:
                     try:
+                        self._take_buffer(flat, cuda=False)
                         assert self._buf is not None
                         serialize.pack_into(flat, self._buf)
                         st.copy_s = time.perf_counter() - t0
