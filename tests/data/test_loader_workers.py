@@ -152,3 +152,41 @@ def _alive(pid):
     # A zombie is gone for our purposes (its parent is the forkserver, not us).
     with open(f"/proc/{pid}/stat") as f:
         return f.read().split(")")[-1].split()[0] != "Z"
+
+
+def test_read_ahead_error_is_raised_by_the_step_it_belongs_to(reference):
+    # Step s + 1 is taken on the loader's read-ahead thread while step s trains: a failure
+    # there must surface at train_batch(s + 1), after every earlier step was served.
+    ld = build_loader(cfg(1), 0, 2, True)
+    ld._crash_at = (3, 99)
+    try:
+        assert same(batches(ld, 3), reference[:3])
+        with pytest.raises(DataError, match="died 3 times while building step 3"):
+            ld.train_batch(3, 0)
+    finally:
+        ld.close()
+
+
+def test_close_returns_while_the_read_ahead_waits_on_a_hung_worker():
+    ld = build_loader(cfg(1), 0, 2, True)
+    ld.prefetch = 1
+    try:
+        ld.stall_timeout_s = 30.0
+        ld.train_batch(0, 0)
+        time.sleep(1.0)  # step 1 is built and taken by the read-ahead thread
+        (pid,) = ld.worker_pids()
+        os.kill(pid, signal.SIGSTOP)
+        ld.train_batch(1, 0)  # built before the stop (one slot: steps 1, 2 were built)
+        time.sleep(0.3)
+        ld.train_batch(2, 0)
+        time.sleep(0.3)
+        assert ld._ahead._want == 3  # the thread now waits for the stopped worker's step 3
+        t0 = time.monotonic()
+    finally:
+        ld.close()
+    assert time.monotonic() - t0 < 15  # the pool's own kill after 5 s, not the 600 s stall
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and _alive(pid):
+        time.sleep(0.05)
+    assert not _alive(pid)
+    assert ld.background_cpu_s > 0

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from zentrain.config import Config, ConfigError
+from zentrain.data.ahead import Ahead
 from zentrain.data.corpus import DataError, log
 from zentrain.data.plan import LoaderState, MixSchedule, Planner, allocate, batch_digest
 from zentrain.data.sources import Resolved, Source, batch_layout, build_batch, resolve_sources
@@ -74,6 +75,8 @@ class Loader:
         self.planner = Planner(state.sizes, self.schedule, cfg.train.seed, state)
         self.next_step = 0
         self._pool: WorkerPool | None = None
+        self._ahead: Ahead | None = None
+        self._ahead_cpu_before = 0.0
         self._readers: list[Any] | None = None
         self._current: tuple[int, StepResult] | None = None
         self._seen: OrderedDict[int, tuple[str, list[int]]] = OrderedDict()
@@ -167,9 +170,9 @@ class Loader:
                                         self.planner.state_at(step), self.layout,
                                         self.num_workers, self.prefetch,
                                         self._crash_at, self.stall_timeout_s)
-            pool = self._pool
-            reset = self.planner.state_at(step) if step != pool.expect else None
-            res = pool.get(step, reset)
+                self._ahead = Ahead(self._pool, self.planner.state_at)
+            assert self._ahead is not None
+            res = self._ahead.get(step)
         self._seen[step] = (res.digest, res.counts)
         while len(self._seen) > 256:
             self._seen.popitem(last=False)
@@ -305,6 +308,12 @@ class Loader:
         """Worker processes restarted so far."""
         return self.restarts_before + (self._pool.restarts if self._pool else 0)
 
+    @property
+    def background_cpu_s(self) -> float:
+        """CPU seconds this process spent taking batches on its read-ahead thread (the
+        training thread's own time in ``train_batch`` is on top)."""
+        return self._ahead_cpu_before + (self._ahead.cpu_s if self._ahead else 0.0)
+
     def worker_pids(self) -> list[int]:
         return self._pool.pids() if self._pool else []
 
@@ -318,6 +327,10 @@ class Loader:
 
     def close(self) -> None:
         """Stop the workers (idempotent; a later ``train_batch`` starts new ones)."""
+        if self._ahead is not None:  # first: it may be using the pool
+            self._ahead.close()
+            self._ahead_cpu_before += self._ahead.cpu_s
+            self._ahead = None
         if self._pool is not None:
             self.restarts_before += self._pool.restarts
             self._pool.close()

@@ -216,6 +216,8 @@ class WorkerPool:
         self.done: dict[int, tuple[int, str, list[int]]] = {}
         self.deaths: dict[int, int] = {}
         self.restarts = 0
+        self.closing = False
+        """Set from another thread to make a ``get`` in flight give up (within a second)."""
         self.memory = [0] * num_workers  # each worker's last reported private bytes
         self.anchor = state
         self.expect = self.next_submit = state.step
@@ -310,6 +312,8 @@ class WorkerPool:
         last = time.monotonic()
         while step not in self.done:
             assert task is not None
+            if self.closing:
+                raise DataError("the loader was closed while it waited for a batch")
             before = (len(self.done), self.restarts)
             self._receive(task.worker, 1.0)
             if (len(self.done), self.restarts) != before:

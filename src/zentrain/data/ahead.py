@@ -1,0 +1,95 @@
+"""Take the next step's batch off the worker pool on a thread, while the trainer computes.
+
+Taking a batch from the pool is cheap but not free: a pipe message in, a copy out of the
+shared slot, a task message out. On the trainer's thread that is ~0.25 ms after a step
+(each torch or pipe call is slow when the step has just evicted the caches), which is 1% of
+DeepFM's 27 ms CPU step, and far more of a GPU step. ``Ahead`` does it for step ``s + 1``
+on a thread of the training process while step ``s`` runs, so ``train_batch`` only hands
+over what is ready (PyTorch's DataLoader moves its pinning to a thread for the same
+reason). The thread waits in ``select`` and copies with torch, both without the GIL; its CPU
+time is reported (``cpu_s``), so the cost is moved off the step's critical path, not hidden.
+
+Order and exactness do not change: the thread asks the pool for exactly the step after the
+one just served, so it never runs ahead of what the trainer will ask next, and a step asked
+out of order is taken on the caller's thread from the planner's state (as without it).
+Only one of the two threads uses the pool at a time. An error the thread meets (a worker
+that keeps dying, a corrupt record with ``on_error = "fail"``) is raised by the
+``train_batch`` of the step it was for.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Callable
+
+from zentrain.data.plan import LoaderState
+from zentrain.data.workers import StepResult, WorkerPool
+
+
+POLL_S = 0.001
+"""How often the idle thread looks for the next step to take. ``get`` does not wake it: a
+woken thread takes the trainer's CPU and then the GIL right after the handover (measured:
+mean wait 0.76 ms with a notify, 0.2 ms without; median 0.12 vs 0.06 ms)."""
+
+
+class Ahead:
+    """One step of read-ahead over ``pool`` (see the module docstring)."""
+
+    def __init__(self, pool: WorkerPool, state_at: Callable[[int], LoaderState]) -> None:
+        self.pool, self.state_at = pool, state_at
+        self._cv = threading.Condition()
+        self._want: int | None = None  # the step the thread is taking now
+        self._got: tuple[int, StepResult | None, BaseException | None] | None = None
+        self._closed = False
+        self.cpu_s = 0.0
+        """CPU seconds the thread spent taking batches (the trainer process pays them)."""
+        self._thread = threading.Thread(target=self._loop, name="zentrain-data-ahead",
+                                        daemon=True)
+        self._thread.start()
+
+    def get(self, step: int) -> StepResult:
+        """The batch of ``step``; then starts taking ``step + 1``."""
+        with self._cv:
+            self._cv.wait_for(lambda: self._want is None)
+            got, self._got = self._got, None
+        if got is not None and got[0] == step:
+            if got[2] is not None:
+                raise got[2]
+            res = got[1]
+            assert res is not None
+        else:  # first step, or out of order: the thread is idle, take it here
+            pool = self.pool
+            res = pool.get(step, self.state_at(step) if step != pool.expect else None)
+        with self._cv:
+            self._want = step + 1
+        return res
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while self._want is None and not self._closed:
+                    self._cv.wait(POLL_S)
+                if self._closed:
+                    return
+                step = self._want
+            assert step is not None
+            c0 = time.thread_time()
+            res: StepResult | None = None
+            err: BaseException | None = None
+            try:
+                res = self.pool.get(step)  # in order: the pool expects exactly this step
+            except BaseException as e:  # noqa: BLE001 - raised by the trainer's get(step)
+                err = e
+            self.cpu_s += time.thread_time() - c0
+            with self._cv:
+                self._got, self._want = (step, res, err), None
+                self._cv.notify_all()
+
+    def close(self) -> None:
+        """Stop the thread; a take in flight gives up within a second (``pool.closing``)."""
+        with self._cv:
+            self._closed = True
+            self.pool.closing = True
+            self._cv.notify_all()
+        self._thread.join()
