@@ -106,7 +106,7 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 200
+    steps: int = 150
     """Optimizer steps to run."""
     batch_size: int = 8
     """Per-rank micro-batch size (sequences for GPT, samples for DeepFM)."""
@@ -132,7 +132,7 @@ class TrainConfig:
     """Use deterministic algorithms (bit-reproducible runs, slower on GPU)."""
     bf16: bool = False
     """Run forward/backward under bf16 autocast."""
-    eval_every: int = 100
+    eval_every: int = 75
     """Evaluate every this many steps (0: only at the end)."""
     eval_batches: int = 8
     """Batches per evaluation."""

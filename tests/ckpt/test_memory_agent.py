@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 from zentrain.ckpt import serialize
-from zentrain.ckpt.agent import ProtocolError, connect, recv_msg, request, send_msg
-from zentrain.ckpt.agent import start_local_agents as _start
+from zentrain.ckpt.launch import start_local_agents as _start
 from zentrain.ckpt.memory import MemoryCheckpointer, MemoryConfig
+from zentrain.ckpt.wire import ProtocolError, connect, recv_msg, request, send_msg
 from zentrain.testing import run_ranks
 
 

@@ -30,6 +30,7 @@ from zentrain.netem import (
     parse_rate,
     run_in_cluster,
 )
+from zentrain.netem.launch import pump_lines, supervise
 
 
 class RanksFailed(RuntimeError):
@@ -136,10 +137,10 @@ def _run_loopback(argv: list[str], n: int, env: dict[str, str], timeout: float,
                                  errors="replace", bufsize=1,
                                  preexec_fn=_die_with_parent if sys.platform == "linux" else None)
             procs.append(p)
-            t = threading.Thread(target=_pump, args=(i, p, outputs[i], on_output), daemon=True)
+            t = threading.Thread(target=pump_lines, args=(i, p, outputs[i], on_output), daemon=True)
             t.start()
             readers.append(t)
-        failure = _supervise(procs, timeout)
+        failure = supervise(procs, timeout, "rank")
     finally:
         _stop(procs)
         for t in readers:
@@ -148,32 +149,6 @@ def _run_loopback(argv: list[str], n: int, env: dict[str, str], timeout: float,
         tails = [f"rank {i}: {''.join(o).strip().splitlines()[-1]}"
                  for i, o in enumerate(outputs) if "".join(o).strip()]
         raise RanksFailed(failure + ("; last lines: " + " | ".join(tails) if tails else ""))
-
-
-def _pump(i: int, proc: subprocess.Popen, sink: list[str],
-          on_output: Callable[[int, str], None] | None) -> None:
-    for line in proc.stdout:
-        sink.append(line)
-        if on_output is not None:
-            try:
-                on_output(i, line.rstrip("\n"))
-            except Exception:  # noqa: BLE001 - a broken printer must not hang the run
-                on_output = None
-    proc.stdout.close()
-
-
-def _supervise(procs: list[subprocess.Popen], timeout: float) -> str | None:
-    deadline = time.monotonic() + timeout
-    while True:
-        codes = [p.poll() for p in procs]
-        bad = [i for i, c in enumerate(codes) if c not in (None, 0)]
-        if bad:
-            return f"rank {bad[0]} exited with code {codes[bad[0]]}"
-        if all(c == 0 for c in codes):
-            return None
-        if time.monotonic() > deadline:
-            return f"timed out after {timeout:g}s"
-        time.sleep(0.05)
 
 
 def _stop(procs: list[subprocess.Popen], grace: float = 5.0) -> None:

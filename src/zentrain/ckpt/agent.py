@@ -32,24 +32,21 @@ per-step checkpointing allocates no new pages.
 **Wire protocol** (TCP; plain sockets since this is not gradient traffic): each message
 is a 4-byte big-endian length and a JSON object; ``put`` and a successful ``get`` reply
 are followed by the raw payload (a ``get`` with ``local`` gets the file's path instead).
-Every socket operation has a timeout.
+Every socket operation has a timeout. Framing lives in ``wire.py``, shared with the workers.
 
 Start one with ``python -m zentrain.ckpt.agent --node I --nodes N --peers H:P,H:P,...``,
-or from Python with ``start_agent`` / ``start_local_agents`` (what tests and a single-host
-launcher use). SIGTERM shuts it down cleanly and removes its directory.
+or from Python with ``launch.start_agent`` / ``launch.start_local_agents`` (what tests and
+a single-host launcher use). SIGTERM shuts it down cleanly and removes its directory.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import mmap
 import os
 import shutil
 import signal
 import socket
-import struct
-import subprocess
 import sys
 import threading
 import time
@@ -59,16 +56,21 @@ from typing import Any
 
 from zentrain.ckpt import serialize
 from zentrain.ckpt.placement import Placement
+from zentrain.ckpt.wire import (
+    ProtocolError,
+    Throttle,
+    connect,
+    parse_addr,
+    recv_exact,
+    recv_msg,
+    request,
+    send_msg,
+)
 
-MAX_MSG = 256 << 20  # a header for a huge optimizer state is still far below this
 WINDOW_FILE = "window"
 OWNER_FILE = "owner"
 WINDOW_BYTES = 4096
 MAX_WINDOW_WAIT_S = 10.0  # a worker that died inside its window must not stall relays forever
-
-
-class ProtocolError(RuntimeError):
-    """A peer sent something malformed, closed mid-message, or replied with an error."""
 
 
 @dataclass
@@ -109,77 +111,6 @@ class AgentConfig:
     @property
     def dir(self) -> Path:
         return Path(self.shm_root) / f"zentrain-{self.job}-node{self.node}"
-
-
-# -- framing (also used by the worker-side client) --------------------------------------------
-
-def parse_addr(addr: str) -> tuple[str, int]:
-    host, _, port = addr.rpartition(":")
-    if not host or not port.isdigit():
-        raise ValueError(f"bad agent address {addr!r}; expected HOST:PORT")
-    return host, int(port)
-
-
-def connect(addr: str, timeout: float) -> socket.socket:
-    s = socket.create_connection(parse_addr(addr), timeout=timeout)
-    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return s
-
-
-def send_msg(sock: socket.socket, msg: dict[str, Any]) -> None:
-    body = json.dumps(msg).encode()
-    sock.sendall(struct.pack(">I", len(body)) + body)
-
-
-def recv_exact(sock: socket.socket, view: memoryview) -> None:
-    got = 0
-    while got < len(view):
-        n = sock.recv_into(view[got:])
-        if n == 0:
-            raise ProtocolError("connection closed mid-message")
-        got += n
-
-
-def recv_msg(sock: socket.socket) -> dict[str, Any]:
-    head = bytearray(4)
-    recv_exact(sock, memoryview(head))
-    (n,) = struct.unpack(">I", head)
-    if n > MAX_MSG:
-        raise ProtocolError(f"message of {n} bytes is over the {MAX_MSG} limit")
-    body = bytearray(n)
-    recv_exact(sock, memoryview(body))
-    msg = json.loads(body)
-    if not isinstance(msg, dict):
-        raise ProtocolError("message is not a JSON object")
-    return msg
-
-
-def request(addr: str, msg: dict[str, Any], timeout: float) -> dict[str, Any]:
-    """One request/reply without payload; raises ProtocolError on an error reply."""
-    with connect(addr, timeout) as s:
-        send_msg(s, msg)
-        reply = recv_msg(s)
-    if not reply.get("ok"):
-        raise ProtocolError(reply.get("error", "agent replied without ok"))
-    return reply
-
-
-class Throttle:
-    """Keep a byte stream under ``rate`` bytes/s (0: no limit); shared across threads."""
-
-    def __init__(self, rate: float, stop: threading.Event | None = None) -> None:
-        self.rate, self.lock, self.next_t = rate, threading.Lock(), 0.0
-        self.stop = stop or threading.Event()
-
-    def __call__(self, nbytes: int) -> None:
-        if self.rate <= 0:
-            return
-        with self.lock:
-            now = time.monotonic()
-            self.next_t = max(self.next_t, now) + nbytes / self.rate
-            delay = self.next_t - now
-        if delay > 0:
-            self.stop.wait(delay)
 
 
 # -- the store ----------------------------------------------------------------------------------
@@ -630,6 +561,35 @@ class PeerLink(threading.Thread):
             a._on_ack(self.peer, sh.rank, sh.step)
 
 
+# -- the agent directory's owner --------------------------------------------------------------
+
+def owner_id(pid: int) -> str:
+    """pid and kernel start time: identifies a process even after its pid is reused."""
+    try:
+        start = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        start = "?"
+    return f"{pid} {start}"
+
+
+def sweep_stale(shm_root: str) -> list[str]:
+    """Remove agent directories whose agent is gone without cleaning up (SIGKILLed with
+    its whole process group, say); returns what was removed."""
+    removed = []
+    for d in Path(shm_root).glob("zentrain-*-node*"):
+        try:
+            owner = (d / OWNER_FILE).read_text().strip()
+        except OSError:
+            continue  # not ours, or still starting
+        pid = int(owner.split()[0]) if owner.split()[0].isdigit() else -1
+        if pid > 0 and owner_id(pid) == owner:
+            continue  # alive
+        shutil.rmtree(d, ignore_errors=True)
+        removed.append(str(d))
+    return removed
+
+
+
 # -- process entry point and launch helpers ---------------------------------------------------
 
 def run_agent(cfg: AgentConfig, listen_fd: int | None = None) -> None:
@@ -690,154 +650,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"zentrain ckpt-agent: error: {e}", file=sys.stderr)
         return 2
     return 0
-
-
-# ``zentrain/__init__`` imports torch (3+ s of CPU and ~300 MB per process); the agent
-# handles only bytes, so launchers start it through this stub that registers the package
-# without running its __init__.
-_BOOT = ("import sys, types; p = types.ModuleType('zentrain'); p.__path__ = [sys.argv.pop(1)]; "
-         "sys.modules['zentrain'] = p; from zentrain.ckpt.agent import main; sys.exit(main())")
-
-
-@dataclass
-class AgentHandle:
-    """A running agent process, as returned by ``start_agent``."""
-
-    cfg: AgentConfig
-    proc: subprocess.Popen[bytes]
-
-    @property
-    def addr(self) -> str:
-        return self.cfg.peers[self.cfg.node]
-
-    def wait_ready(self, timeout: float = 30.0) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                return request(self.addr, {"op": "ping"}, timeout=min(5.0, timeout))
-            except (OSError, ProtocolError) as e:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"checkpoint agent {self.cfg.node} did not start "
-                                       f"(exit code {self.proc.poll()}): {e}") from None
-                time.sleep(0.05)
-
-    def status(self, timeout: float = 10.0) -> dict[str, Any]:
-        return request(self.addr, {"op": "status", "job": self.cfg.job}, timeout)
-
-    def stop(self, timeout: float = 10.0) -> int:
-        """SIGTERM, wait, SIGKILL if needed; returns the exit code; removes the directory."""
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        shutil.rmtree(self.cfg.dir, ignore_errors=True)
-        return self.proc.returncode
-
-    def kill(self) -> None:
-        """SIGKILL (a lost node); its tmpfs directory is removed like the node's RAM would be."""
-        self.proc.kill()
-        self.proc.wait()
-        shutil.rmtree(self.cfg.dir, ignore_errors=True)
-
-
-def agent_argv(cfg: AgentConfig, listen_fd: int | None = None) -> list[str]:
-    """The command line that runs an agent for ``cfg`` (through the torch-free stub)."""
-    pkg = str(Path(__file__).resolve().parents[1])
-    args = [sys.executable, "-c", _BOOT, pkg, "--node", str(cfg.node), "--nodes",
-            str(cfg.nodes), "--peers", ",".join(cfg.peers), "--local-world",
-            str(cfg.local_world), "--m", str(cfg.m), "--job", cfg.job, "--shm-root",
-            cfg.shm_root, "--keep-committed", str(cfg.keep_committed), "--max-inflight",
-            str(cfg.max_inflight), "--forward-bytes-per-s", str(cfg.forward_bytes_per_s),
-            "--timeout-s", str(cfg.timeout_s)]
-    if not cfg.exit_with_parent:
-        args.append("--no-exit-with-parent")
-    if listen_fd is not None:
-        args += ["--listen-fd", str(listen_fd)]
-    return args
-
-
-def start_agent(cfg: AgentConfig, listener: socket.socket | None = None) -> AgentHandle:
-    """Start an agent process. With ``listener`` (a bound, listening socket) the child
-    inherits it, so no port is ever released and re-bound (no free-port race)."""
-    fd = listener.fileno() if listener is not None else None
-    proc = subprocess.Popen(agent_argv(cfg, fd), pass_fds=() if fd is None else (fd,),
-                            stdin=subprocess.DEVNULL,
-                            preexec_fn=term_with_parent() if cfg.exit_with_parent else None)
-    return AgentHandle(cfg, proc)
-
-
-_LIBC: Any = None
-try:  # resolved here, not in a forked child
-    import ctypes
-
-    _LIBC = ctypes.CDLL(None, use_errno=True)
-except OSError:  # pragma: no cover - not Linux
-    pass
-
-
-def term_with_parent() -> Any:
-    """A ``preexec_fn``: the child gets SIGTERM (a clean shutdown, directory removed) when
-    the process starting it dies — even if that happens before the child could look."""
-    parent = os.getpid()
-
-    def preexec() -> None:
-        if _LIBC is not None:
-            _LIBC.prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
-        if os.getppid() != parent:  # it died before the prctl
-            os._exit(1)
-    return preexec
-
-
-def owner_id(pid: int) -> str:
-    """pid and kernel start time: identifies a process even after its pid is reused."""
-    try:
-        start = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        start = "?"
-    return f"{pid} {start}"
-
-
-def sweep_stale(shm_root: str) -> list[str]:
-    """Remove agent directories whose agent is gone without cleaning up (SIGKILLed with
-    its whole process group, say); returns what was removed."""
-    removed = []
-    for d in Path(shm_root).glob("zentrain-*-node*"):
-        try:
-            owner = (d / OWNER_FILE).read_text().strip()
-        except OSError:
-            continue  # not ours, or still starting
-        pid = int(owner.split()[0]) if owner.split()[0].isdigit() else -1
-        if pid > 0 and owner_id(pid) == owner:
-            continue  # alive
-        shutil.rmtree(d, ignore_errors=True)
-        removed.append(str(d))
-    return removed
-
-
-def start_local_agents(nodes: int, local_world: int = 1, m: int = 2, job: str = "job",
-                       host: str = "127.0.0.1", **kw: Any) -> list[AgentHandle]:
-    """N agents on this host (one per emulated node) on ports chosen by the kernel."""
-    listeners = [socket.create_server((host, 0)) for _ in range(nodes)]
-    peers = [f"{host}:{s.getsockname()[1]}" for s in listeners]
-    handles: list[AgentHandle] = []
-    try:
-        for i, ls in enumerate(listeners):
-            cfg = AgentConfig(node=i, nodes=nodes, peers=peers, local_world=local_world, m=m,
-                              job=job, **kw)
-            handles.append(start_agent(cfg, ls))
-        for h in handles:
-            h.wait_ready()
-    except BaseException:
-        for h in handles:
-            h.stop()
-        raise
-    finally:
-        for ls in listeners:
-            ls.close()
-    return handles
 
 
 if __name__ == "__main__":

@@ -62,7 +62,6 @@ if TYPE_CHECKING:
 ENV_AGENTS = "ZENTRAIN_CKPT_AGENTS"
 ENV_JOB = "ZENTRAIN_CKPT_JOB"
 ENV_NODE = "ZENTRAIN_CKPT_NODE"
-MARKER = "zentrain.json"
 
 _T_IMPORTED = time.time()  # train.py imports this module last: ≈ "imports done"
 
@@ -182,7 +181,7 @@ class CheckpointManager:
         if step is None:
             return None
         if not self.ck.resume:  # a restart: only this job's own checkpoints
-            marker = persistent._dir(self.run_dir) / f"step_{step:06d}" / MARKER
+            marker = persistent._dir(self.run_dir) / f"step_{step:06d}" / persistent.MARKER_FILE
             try:
                 if json.loads(marker.read_text()).get("job") != self.job:
                     return None
@@ -317,17 +316,8 @@ class CheckpointManager:
     def _commit(self, step: int, keep: int = 2) -> None:
         if self.d.rank != 0:
             return
-        root = persistent._dir(self.run_dir)
-        tmp, final = root / f"step_{step:06d}.tmp", root / f"step_{step:06d}"
-        (tmp / MARKER).write_text(json.dumps({"job": self.job, "step": step,
-                                              "world_size": self.d.world_size}))
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-        (root / "latest.tmp").write_text(str(step))
-        (root / "latest.tmp").rename(root / "latest")
-        done = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
-        for p in done[:-keep]:
-            shutil.rmtree(p, ignore_errors=True)
+        persistent.commit(self.run_dir, step, keep, marker=json.dumps(
+            {"job": self.job, "step": step, "world_size": self.d.world_size}))
 
     # -- the end -------------------------------------------------------------------------------
     def finish(self, tr: Trainer) -> dict[str, Any]:

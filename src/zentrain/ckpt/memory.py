@@ -40,9 +40,9 @@ import torch
 import torch.distributed as dist
 
 from zentrain.ckpt import serialize
-from zentrain.ckpt.agent import (
-    WINDOW_BYTES,
-    WINDOW_FILE,
+from zentrain.ckpt.agent import WINDOW_BYTES, WINDOW_FILE
+from zentrain.ckpt.placement import Placement
+from zentrain.ckpt.wire import (
     ProtocolError,
     Throttle,
     connect,
@@ -51,7 +51,6 @@ from zentrain.ckpt.agent import (
     request,
     send_msg,
 )
-from zentrain.ckpt.placement import Placement
 
 
 @dataclass

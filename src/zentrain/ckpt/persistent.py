@@ -73,6 +73,10 @@ class SafeReader(FileSystemReader):
         return metadata
 
 
+MARKER_FILE = "zentrain.json"
+"""Written into a checkpoint directory by the trainer: job, step and world size."""
+
+
 def _dir(run_dir: Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
@@ -110,15 +114,26 @@ def save(run_dir: Path, step: int, model: nn.Module, optim: torch.optim.Optimize
     dcp.save(_app_state(model, optim, extra), checkpoint_id=str(tmp))
     _barrier()
     if rank0:
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-        (root / "latest.tmp").write_text(str(step))
-        (root / "latest.tmp").rename(root / "latest")
-        old = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
-        for p in old[:-keep]:
-            shutil.rmtree(p, ignore_errors=True)
+        commit(run_dir, step, keep)
     _barrier()
     return final
+
+
+def commit(run_dir: Path, step: int, keep: int = 2, marker: str | None = None) -> None:
+    """Make the written ``step_N.tmp`` the newest checkpoint (rank 0 only): rename it, point
+    ``latest`` at it (both renames are atomic) and delete all but the newest ``keep``.
+    ``marker`` is written into the checkpoint as ``MARKER_FILE`` first."""
+    root = _dir(run_dir)
+    tmp, final = root / f"step_{step:06d}.tmp", root / f"step_{step:06d}"
+    if marker is not None:
+        (tmp / MARKER_FILE).write_text(marker)
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    (root / "latest.tmp").write_text(str(step))
+    (root / "latest.tmp").rename(root / "latest")
+    old = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
+    for p in old[:-keep]:
+        shutil.rmtree(p, ignore_errors=True)
 
 
 def load(run_dir: Path, model: nn.Module, optim: torch.optim.Optimizer,

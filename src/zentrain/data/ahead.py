@@ -21,11 +21,10 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from zentrain.data.plan import LoaderState
 from zentrain.data.workers import StepResult, WorkerPool
-
 
 POLL_S = 0.001
 """How often the idle thread looks for the next step to take. ``get`` does not wake it: a

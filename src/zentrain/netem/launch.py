@@ -70,11 +70,11 @@ def run_in_cluster(n: int, rate: str | int | None,
                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                      text=True, errors="replace", bufsize=1, cwd=cwd)
                 procs.append(proc)
-                reader = threading.Thread(target=_pump, args=(i, proc, outputs[i], on_output),
+                reader = threading.Thread(target=pump_lines, args=(i, proc, outputs[i], on_output),
                                           daemon=True)
                 reader.start()
                 readers.append(reader)
-            failure = _supervise(procs, timeout)
+            failure = supervise(procs, timeout)
         finally:
             stopped = _stop(procs, grace)
             for reader in readers:
@@ -86,8 +86,9 @@ def run_in_cluster(n: int, rate: str | int | None,
     return results
 
 
-def _pump(i: int, proc: subprocess.Popen, sink: list[str],
-          on_output: Callable[[int, str], None] | None) -> None:
+def pump_lines(i: int, proc: subprocess.Popen, sink: list[str],
+               on_output: Callable[[int, str], None] | None) -> None:
+    """Collect process ``i``'s output lines into ``sink``, passing each to ``on_output``."""
     for line in proc.stdout:
         sink.append(line)
         if on_output is not None:
@@ -98,19 +99,21 @@ def _pump(i: int, proc: subprocess.Popen, sink: list[str],
     proc.stdout.close()
 
 
-def _supervise(procs: list[subprocess.Popen], timeout: float) -> str | None:
-    """Wait for all; the failure message, or None when every process exited 0."""
+def supervise(procs: list[subprocess.Popen], timeout: float, what: str = "host"
+              ) -> str | None:
+    """Wait for all; the failure message (naming the first ``what`` that failed), or None
+    when every process exited 0."""
     deadline = time.monotonic() + timeout
     while True:
         codes = [p.poll() for p in procs]
         bad = [i for i, c in enumerate(codes) if c not in (None, 0)]
         if bad:
-            return f"host {bad[0]} exited with code {codes[bad[0]]}"
+            return f"{what} {bad[0]} exited with code {codes[bad[0]]}"
         if all(c == 0 for c in codes):
             return None
         if time.monotonic() > deadline:
             running = [i for i, c in enumerate(codes) if c is None]
-            return f"timed out after {timeout:g}s with hosts {running} still running"
+            return f"timed out after {timeout:g}s with {what}s {running} still running"
         time.sleep(0.05)
 
 

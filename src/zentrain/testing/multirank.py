@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime
 import multiprocessing as mp
 import os
+import pickle
 import queue
 import traceback
 from collections.abc import Callable
@@ -43,7 +44,9 @@ def _worker(fn, rank, world_size, port, args, kwargs, results, threads):
         dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(seconds=60))
         out = fn(rank, world_size, *args, **kwargs)
-        results.put((rank, True, out))
+        # Plain pickle: the queue's pickler would send tensors as shared-memory handles,
+        # which the parent can no longer open once this process has exited.
+        results.put((rank, True, pickle.dumps(out)))
     except BaseException:  # noqa: BLE001 - everything goes back to the parent
         results.put((rank, False, traceback.format_exc()))
     finally:
@@ -88,7 +91,7 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: floa
                     f"ranks {alive} still running after {timeout}s (hang?); "
                     f"finished: {sorted(got)}; errors: {errors}") from None
             if ok:
-                got[r] = payload
+                got[r] = pickle.loads(payload)
             else:
                 errors.append(f"--- rank {r} ---\n{payload}")
                 # One rank failed: give the others a short grace period, then stop.
