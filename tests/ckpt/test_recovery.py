@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from zentrain.chaos import Run, analyse, wall_step_times
+from zentrain.chaos_analysis import Run, analyse, wall_step_times
 from zentrain.ckpt import persistent
 
 # A tiny GPT (1 layer, d=32, 300-token BPE on 300 kB of text): steps take tens of ms, so a
