@@ -29,9 +29,11 @@ far shorter and the loader's margin smaller).
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import platform
+import shlex
 import statistics
 import time
 from pathlib import Path
@@ -84,6 +86,17 @@ def _parse_workers(text: str) -> list[int]:
     return out
 
 
+def _command(args: argparse.Namespace) -> str:
+    parts = ["zentrain", "bench", "data", *args.configs, "--workers", args.workers,
+             "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    parts += [a for o in args.overrides for a in ("--set", o)]
+    if args.device != "cpu":
+        parts += ["--device", args.device]
+    if args.json:
+        parts += ["--json", args.json]
+    return shlex.join(parts)
+
+
 def cmd_data(args: argparse.Namespace) -> int:
     workers = _parse_workers(args.workers)
     if args.steps < 1 or args.warmup < 1:
@@ -93,10 +106,14 @@ def cmd_data(args: argparse.Namespace) -> int:
         results.append(bench_config(name, cfg, workers, args.steps, args.warmup, args.seconds,
                                     args.device))
         _print(results[-1])
-    out = {"results": results, "targets": {"stall_fraction_max": TARGET_STALL,
+    from zentrain.bench.e2e import machine_facts
+
+    out = {"kind": "bench data", "command": _command(args),
+           "date": datetime.datetime.now().isoformat(timespec="seconds"),
+           "results": results, "targets": {"stall_fraction_max": TARGET_STALL,
                                            "throughput_ratio_min_2_workers": TARGET_RATIO},
-           "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                       "torch": torch.__version__, "load_avg": os.getloadavg()}}
+           "machine": {**machine_facts(), "cpus": os.cpu_count(),
+                       "platform": platform.platform(), "load_avg": os.getloadavg()}}
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
     ok = all(r["targets_met"] for r in results)
