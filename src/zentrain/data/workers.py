@@ -262,7 +262,10 @@ class WorkerPool:
             s = self.next_submit
             task = _Task(s, self.free.pop(), s % len(self.workers))
             self.tasks[s] = task
-            _put(self.workers[task.worker].conn, ("task", s, task.slot))
+            try:
+                _put(self.workers[task.worker].conn, ("task", s, task.slot))
+            except OSError:  # it died: noticed on its pipe, restarted, given its tasks again
+                pass
             self.next_submit += 1
 
     def _receive(self, wid: int, timeout: float) -> None:
