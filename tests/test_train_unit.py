@@ -13,3 +13,16 @@ def test_lr_schedule_warmup_then_cosine_to_floor():
     assert math.isclose(lr_at(cfg, 100), 0.1)
     lrs = [lr_at(cfg, s) for s in range(10, 101)]
     assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+
+
+def test_error_feedback_under_adamw_is_warned_about(capsys):
+    from zentrain.config import load_config
+    from zentrain.train import _maybe_warn_ef_adamw
+
+    _maybe_warn_ef_adamw(load_config(None, ["sync.compress=topk"]), 0, 2)
+    assert "error-feedback-and-adamw" in capsys.readouterr().err
+    for sets, rank, world in ((["sync.compress=topk", "compress.error_feedback=false"], 0, 2),
+                              (["sync.compress=powersgd"], 0, 2),
+                              (["sync.compress=topk"], 1, 2), (["sync.compress=topk"], 0, 1)):
+        _maybe_warn_ef_adamw(load_config(None, sets), rank, world)
+        assert capsys.readouterr().err == "", sets

@@ -87,6 +87,19 @@ def lr_at(cfg: Config, step: int) -> float:
     return t.lr * (t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
+def _maybe_warn_ef_adamw(cfg: Config, rank: int, world: int) -> None:
+    """Sparsifiers with error feedback stall under AdamW (measured; docs/compression.md,
+    "Error feedback and AdamW"): say so once, with what works instead."""
+    c = cfg.compress
+    if rank == 0 and world > 1 and c.method in ("topk", "randomk", "sign") \
+            and c.error_feedback:
+        print(f"[zentrain] warning: compress.method = {c.method!r} with error feedback under "
+              "AdamW trained far worse than without it here (loss stalls near the unigram "
+              "level; docs/compression.md#error-feedback-and-adamw); consider "
+              "compress.error_feedback=false or compress.method='powersgd'",
+              file=sys.stderr, flush=True)
+
+
 def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
     """AdamW; weight decay only on matrices that are not embedding tables (nanoGPT's rule)."""
     emb = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
@@ -131,6 +144,7 @@ class Trainer:
         self.dp = DataParallel(model, sync=cfg.sync.scheme, bucket_mb=cfg.sync.bucket_mb,
                                compress=cfg.compress, **_sync_opts(cfg))
         self.optim = build_optimizer(cfg, model)
+        _maybe_warn_ef_adamw(cfg, d.rank, d.world_size)
         self.step = 0
         self.timer = StepTimer(d.device)
         self.is_main = d.rank == 0
