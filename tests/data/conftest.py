@@ -10,3 +10,13 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def fresh_bad_record_reports():
+    """Bad records are reported once per process tree: give every test a fresh one."""
+    from zentrain.data import badrecords
+
+    badrecords.forget()
+    yield
+    badrecords.forget()

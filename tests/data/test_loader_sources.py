@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from zentrain.config import Config, ConfigError, SourceConfig, load_config
-from zentrain.data import build_loader
+from zentrain.data import badrecords, build_loader
 from zentrain.data.corpus import DataError
 from zentrain.data.ctr import read_criteo
 
@@ -196,11 +196,17 @@ def test_criteo_rows_stream_by_offset_and_match_the_reader(tsv, tmp_path, caplog
     assert np.array_equal(batch["cats"].numpy()[order], ref.cats[ref_order])
     assert np.allclose(batch["dense"].numpy()[order], ref.dense[ref_order])
     assert np.array_equal(batch["labels"].numpy()[order], ref.labels[ref_order])
-    # A cached index re-reports its bad rows; the non-builder ranks only open it.
+    assert "'day': 2 bad records skipped" in caplog.text
+    # Reopened by the same process (or a non-builder rank): said already, nothing again.
     caplog.clear()
     build_loader(cfg, 0, 1, is_builder=True)
-    assert f"{tsv}:30: bad Criteo row" in caplog.text and "cached index" in caplog.text
     build_loader(cfg, 1, 2, is_builder=False)
+    assert caplog.text == ""
+    # A new run lists the cached index's bad rows again, as a fresh read would.
+    badrecords.forget()
+    build_loader(cfg, 0, 1, is_builder=True)
+    assert f"{tsv}:10: bad Criteo row" in caplog.text and f"{tsv}:30: bad Criteo row" in caplog.text
+    assert caplog.text.count("bad Criteo row") == 2
 
 
 def test_criteo_bad_row_fatal_when_asked(tsv, tmp_path):

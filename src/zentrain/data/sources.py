@@ -22,6 +22,7 @@ training range for the synthetic generator).
 from __future__ import annotations
 
 import glob
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -29,7 +30,8 @@ from typing import Any, Protocol
 import numpy as np
 
 from zentrain.config import Config, ConfigError, SourceConfig
-from zentrain.data.corpus import DataError, expand_paths, log
+from zentrain.data.badrecords import ReportedLines, announce
+from zentrain.data.corpus import DataError, expand_paths
 from zentrain.data.criteo_index import CriteoIndex, CriteoRows, prepare_criteo_index
 from zentrain.data.ctr import SyntheticCTR
 from zentrain.data.plan import mix_key
@@ -211,9 +213,12 @@ def resolve_sources(cfg: Config, is_builder: bool) -> Resolved:
             n_eval = cfg.train.eval_batches * cfg.train.batch_size if dc.eval_fraction else 0
             what = f"synthetic CTR (Zipf {dc.zipf_alpha}): {n_train:,} samples"
         else:
+            lines = ReportedLines()
             idx = prepare_criteo_index(fs, mc.num_dense, mc.num_fields, dc.cache_dir,
                                        dc.on_error, is_builder,
-                                       report=log.warning if is_builder else None)
+                                       report=lines if is_builder else None)
+            if is_builder:
+                _announce_criteo(idx, name, lines)
             r = CriteoRecipe(idx, mc.num_dense, mc.num_fields, mc.rows_per_field)
             n_eval = int(idx.n_rows * dc.eval_fraction)
             n_train = idx.n_rows - n_eval
@@ -224,6 +229,17 @@ def resolve_sources(cfg: Config, is_builder: bool) -> Resolved:
         raise DataError(f"data.eval_fraction={dc.eval_fraction} leaves no eval rows "
                         f"({', '.join(s.what for s in out)}); raise it or add data")
     return Resolved(out, "ctr", None)
+
+
+def _announce_criteo(idx: CriteoIndex, name: str, lines: ReportedLines) -> None:
+    """Say the index's bad rows once per process tree (a fresh index and a cached one list
+    them alike), with their count from the index's meta.json."""
+    cache = Path(idx.path).parent
+    try:
+        n_bad = int(json.loads((cache / "meta.json").read_text()).get("n_bad", lines.count))
+    except (OSError, ValueError):
+        n_bad = lines.count
+    announce(cache.name, f"Criteo source {name!r}", lines.kept, max(n_bad, lines.count))
 
 
 def _check_train(name: str, n_train: int, unit: str) -> None:

@@ -15,7 +15,6 @@ replays exactly the batches of the uninterrupted run, with no loader state to sa
 
 from __future__ import annotations
 
-import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,13 +26,13 @@ from tokenizers import Tokenizer
 from torch import Tensor
 
 from zentrain.config import Config
+from zentrain.data.badrecords import SkippedRecords, apply_on_error
 from zentrain.data.corpus import (
     DataError,
     Document,
     corpus_files,
     files_within,
     iter_documents,
-    log,
     total_bytes,
 )
 from zentrain.data.tokenizer import (
@@ -92,7 +91,11 @@ def prepare_text_data(cfg: Config, is_builder: bool) -> TextData:
         with build_lock(cache):
             if not (cache / META_FILE).is_file():
                 _build(cfg, files, cache)
-    return open_text_data(cache)
+    td = open_text_data(cache)
+    # The cache outlives the run that built it: apply this run's on_error to its bad records.
+    apply_on_error(td.meta, cache.name, f"text data ({td.meta['source']})", cfg.data.on_error,
+                   listing=is_builder)
+    return td
 
 
 def open_text_data(cache: Path) -> TextData:
@@ -116,20 +119,19 @@ def _build(cfg: Config, files: list[Path], cache: Path) -> None:
     data, show = cfg.data, cfg.metrics.progress
     files = files_within(files, data.max_bytes)
     nbytes = total_bytes(files, data.max_bytes)
-    first = iter_documents(files, data.max_bytes, data.on_error)
-    try:
-        head = next(first)
-    except StopIteration:
+    if next(iter_documents(files, data.max_bytes, data.on_error, None), None) is None:
         where = ", ".join(data.paths) if data.paths else "the standard library"
-        raise DataError(f"the corpus is empty: no text documents in {where}") from None
-    trained = not (cache / "tokenizer.json").is_file()
-    tok = load_or_train_tokenizer(cache, itertools.chain([head], first), cfg.model.vocab_size,
-                                  nbytes, show)
-    # Second pass: bad records were already reported while training (unless the tokenizer
-    # came from the cache of a run killed before it finished encoding).
-    docs = iter_documents(files, data.max_bytes, data.on_error,
-                          report=None if trained else log.warning)
+        raise DataError(f"the corpus is empty: no text documents in {where}")
+    # Bad records: listed as the tokenizer's pass meets them, kept from the encoding pass
+    # (the one that always runs) in meta.json for the runs that reuse this cache.
+    live = SkippedRecords(listing=True)
+    tok = load_or_train_tokenizer(cache, iter_documents(files, data.max_bytes, data.on_error,
+                                                        None, live),
+                                  cfg.model.vocab_size, nbytes, show)
+    skipped = SkippedRecords()
+    docs = iter_documents(files, data.max_bytes, data.on_error, None, skipped)
     meta = encode_corpus(tok, docs, cache / TOKENS_FILE, nbytes, show)
+    meta.update(skipped.meta())
     meta.update(n_files=len(files), n_bytes=nbytes, vocab_size=tok.get_vocab_size(),
                 source=", ".join(data.paths) if data.paths else "python stdlib")
     atomic_write_text(cache / META_FILE, json.dumps(meta, indent=1))
@@ -149,9 +151,11 @@ def encode_corpus(tok: Tokenizer, docs: Any, out: Path, nbytes: int,
 
             def flush(chunk: list[Document]) -> int:
                 ids: list[int] = []
-                for enc in encode([d.text for d in chunk], add_special_tokens=False):
+                for d, enc in zip(chunk, encode([d.text for d in chunk],
+                                                add_special_tokens=False)):
                     ids.extend(enc.ids)
-                    ids.append(eot)
+                    if d.end:  # not after a piece of a large file: its document goes on
+                        ids.append(eot)
                 np.asarray(ids, dtype=dtype).tofile(f)
                 bar.advance(task, sum(d.nbytes for d in chunk))
                 return len(ids)
@@ -161,7 +165,7 @@ def encode_corpus(tok: Tokenizer, docs: Any, out: Path, nbytes: int,
             for doc in docs:
                 chunk.append(doc)
                 size += doc.nbytes
-                n_docs += 1
+                n_docs += doc.end
                 if size >= ENCODE_CHUNK_BYTES:
                     n_tokens += flush(chunk)
                     chunk, size = [], 0

@@ -42,8 +42,9 @@ from zentrain.data.corpus import Document
 
 EOT = "<|endoftext|>"
 """End-of-text special token, placed after every document in the token stream."""
-CACHE_FORMAT = 1
-"""Bump when the cache layout changes, so old caches are not misread."""
+CACHE_FORMAT = 2
+"""Bump when the cache layout changes, so old caches are not misread (2: ``meta.json``
+keeps the skipped bad records, see ``badrecords.py``)."""
 TOKENIZER_FILE = "tokenizer.json"
 
 

@@ -29,12 +29,16 @@ from typing import Any
 import numpy as np
 
 from zentrain.config import Config
+from zentrain.data.badrecords import SkippedRecords, apply_on_error
 from zentrain.data.corpus import (
+    BadRecord,
+    Budget,
     DataError,
     Document,
-    _jsonl_docs,
+    Skipped,
+    bad_record,
     corpus_files,
-    iter_documents,
+    file_documents,
     log,
     total_bytes,
 )
@@ -48,8 +52,8 @@ from zentrain.data.tokenizer import (
     open_tokenizer,
 )
 
-MIX_FORMAT = 1
-"""Bump when the ``mix-`` cache layout changes."""
+MIX_FORMAT = 2
+"""Bump when the ``mix-`` cache layout changes (2: ``meta.json`` keeps the bad records)."""
 
 
 @dataclass(frozen=True)
@@ -109,6 +113,8 @@ def prepare_token_streams(cfg: Config, sources: list[TextSource],
         raise DataError(f"token cache {cache} is not built: the builder rank must build it "
                         "before the others open it")
     meta = json.loads(meta_path.read_text())
+    apply_on_error(meta, cache.name, f"text sources {', '.join(s.name for s in sources)}",
+                   cfg.data.on_error, listing=is_builder)
     out = []
     for i, m in enumerate(meta["sources"]):
         tf = TokenFile(str(cache / f"tokens-{i}.bin"), meta["dtype"], m["n_tokens"])
@@ -135,76 +141,56 @@ def _build(cfg: Config, sources: list[TextSource], files: list[list[Path]],
            cache: Path) -> None:
     data, show = cfg.data, cfg.metrics.progress
     sizes = [total_bytes(fs, data.max_bytes) for fs in files]
-    trained = not (cache / "tokenizer.json").is_file()
     for s, fs in zip(sources, files):  # fail early (and clearly) on an empty source
         if next(read_documents(fs, s.fmt, data.max_bytes, data.on_error, None), None) is None:
             raise DataError(f"data source {s.name!r} is empty: no text documents in "
                             f"{', '.join(s.specs) or 'the standard library'}")
+    # Bad records are listed as the tokenizer's pass meets them, and kept from the encoding
+    # pass (the one pass that always runs) for meta.json, so a later run that reuses this
+    # cache re-reports them, or fails under on_error = "fail".
+    live = SkippedRecords(listing=True)
     everything = itertools.chain.from_iterable(
-        read_documents(fs, s.fmt, data.max_bytes, data.on_error) for s, fs in zip(sources, files))
+        read_documents(fs, s.fmt, data.max_bytes, data.on_error, None, live)
+        for s, fs in zip(sources, files))
     tok = load_or_train_tokenizer(cache, everything, cfg.model.vocab_size, sum(sizes), show)
+    skipped = SkippedRecords()
     metas = []
     for i, (s, fs) in enumerate(zip(sources, files)):
-        # Bad records were reported while training (unless the tokenizer came from the
-        # cache of a run killed before it finished encoding).
-        docs = read_documents(fs, s.fmt, data.max_bytes, data.on_error,
-                              report=None if trained else log.warning)
+        docs = read_documents(fs, s.fmt, data.max_bytes, data.on_error, None, skipped)
         m = encode_corpus(tok, docs, cache / f"tokens-{i}.bin", sizes[i], show)
         metas.append({"name": s.name, "n_files": len(fs), "n_bytes": sizes[i],
                       "n_docs": m["n_docs"], "n_tokens": m["n_tokens"], "dtype": m["dtype"]})
     dtype = metas[0]["dtype"]
     atomic_write_text(cache / "meta.json", json.dumps(
         {"sources": metas, "dtype": dtype, "vocab_size": tok.get_vocab_size(),
-         "eot_id": tok.token_to_id(EOT)}, indent=1))
+         "eot_id": tok.token_to_id(EOT), **skipped.meta()}, indent=1))
 
 
 # --- documents by format ------------------------------------------------------------------------
 
 def read_documents(files: list[Path], fmt: str, max_bytes: int = 0, on_error: str = "skip",
-                   report: Callable[[str], None] | None = log.warning) -> Iterator[Document]:
-    """The documents of ``files`` read as ``fmt``, stopping after ``max_bytes`` of input."""
-    if fmt == "auto":
-        yield from iter_documents(files, max_bytes, on_error, report)
-        return
-    budget = max_bytes if max_bytes > 0 else None
+                   report: Callable[[str], None] | None = log.warning,
+                   skipped: Skipped | None = None) -> Iterator[Document]:
+    """The documents of ``files`` read as ``fmt``, stopping after ``max_bytes`` of input;
+    streamed (``corpus.file_documents``). Skipped records go to ``report`` (as lines) and
+    ``skipped``."""
+    budget = Budget(max_bytes)
     for path in files:
-        if budget is not None and budget <= 0:
+        if budget.spent:
             return
         if fmt == "parquet":
-            for doc in _parquet_docs(path, on_error, report):
-                if budget is not None:
-                    if budget <= 0:
-                        return
-                    budget -= doc.nbytes
+            for doc in _parquet_docs(path, on_error, report, skipped):
+                if budget.spent:
+                    return
+                budget.take(doc.nbytes)
                 yield doc
             continue
-        try:
-            data = path.read_bytes()
-        except OSError as e:
-            _bad(f"{path}: cannot read ({e.strerror or e})", on_error, report)
-            continue
-        if budget is not None and len(data) > budget:
-            data = data[:budget]
-            if fmt == "jsonl":  # whole records only
-                data = data[:data.rfind(b"\n") + 1]
-        text = data.decode("utf-8", errors="replace")
-        if fmt == "jsonl":
-            yield from _jsonl_docs(path, text, on_error, report)
-        elif text:
-            yield Document(text, len(data))
-        if budget is not None:
-            budget -= len(data)
+        jsonl = fmt == "jsonl" or (fmt == "auto" and path.suffix == ".jsonl")
+        yield from file_documents(path, jsonl, budget, on_error, report, skipped)
 
 
-def _bad(msg: str, on_error: str, report: Callable[[str], None] | None) -> None:
-    if on_error == "fail":
-        raise DataError(msg + "; set data.on_error='skip' to skip such records")
-    if report is not None:
-        report(msg + ", skipped")
-
-
-def _parquet_docs(path: Path, on_error: str,
-                  report: Callable[[str], None] | None) -> Iterator[Document]:
+def _parquet_docs(path: Path, on_error: str, report: Callable[[str], None] | None,
+                  skipped: Skipped | None) -> Iterator[Document]:
     try:
         import pyarrow.parquet as pq
     except ImportError:
@@ -212,7 +198,8 @@ def _parquet_docs(path: Path, on_error: str,
     try:
         pf = pq.ParquetFile(path)
     except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a bad file
-        _bad(f"{path}: not a parquet file ({str(e).splitlines()[0]})", on_error, report)
+        bad_record(BadRecord(str(path), 0, f"not a parquet file ({str(e).splitlines()[0]})"),
+                   on_error, report, skipped)
         return
     if "text" not in pf.schema_arrow.names:
         raise DataError(f"{path}: parquet file has no 'text' column (columns: "
@@ -222,8 +209,9 @@ def _parquet_docs(path: Path, on_error: str,
         for value in batch.column(0).to_pylist():
             row += 1
             if not isinstance(value, str):
-                _bad(f"{path}: row {row}: bad parquet record (text is "
-                     f"{type(value).__name__}, expected a string)", on_error, report)
+                bad_record(BadRecord(str(path), row, f"bad parquet record (text is "
+                                     f"{type(value).__name__}, expected a string)", "row"),
+                           on_error, report, skipped)
                 continue
             if value:
                 yield Document(value, len(value.encode("utf-8", errors="replace")))
