@@ -138,6 +138,8 @@ class Trainer:
         if cfg.train.deterministic:
             torch.use_deterministic_algorithms(True)
         self.data = _build_data_collectively(build_loader, cfg, d)
+        self.data.set_device(d.device)  # CUDA: batches reach the GPU beside the step
+        self.data.warm_up()  # the workers' server starts while the model is built
         torch.manual_seed(cfg.train.seed)
         model = build_model(cfg.model).to(d.device)
         self.model = model

@@ -22,8 +22,11 @@ batch, ``train.threads`` or cores / nproc threads, as the trainer does) and meas
 
 Targets (issue "data loader"): data_wait <= 1% of the step after warm-up, and throughput
 >= 5x consumption with 2 workers. Everything runs in this process and its loader workers;
-the numbers are for this machine (``--device cuda`` trains on the GPU, where the step is
-far shorter and the loader's margin smaller).
+the numbers are for this machine. The committed figures (docs/bench/data.json) were
+measured on CPU; ``--device cuda`` trains on the GPU, where the step is far shorter and
+the loader's margin smaller, and the loader delivers as the trainer has it do there
+(``Loader.set_device``: pinned buffers, a side stream; docs/data.md says what a GPU check
+saw).
 """
 
 from __future__ import annotations
@@ -151,8 +154,9 @@ def bench_config(name: str, cfg: Config, workers: list[int], steps: int, warmup:
         if dev.type == "cuda":
             torch.cuda.synchronize()
 
-    # Consumption: batches ready in memory, only the step is timed.
-    ready = [[ref.train_batch(s, m) for m in range(ref.accum)] for s in range(warmup + steps)]
+    # Consumption: batches ready on the device, only the step is timed.
+    ready = [[{k: v.to(dev) for k, v in ref.train_batch(s, m).items()} for m in range(ref.accum)]
+             for s in range(warmup + steps)]
     times = []
     for s, bs in enumerate(ready):
         t0 = time.perf_counter()
@@ -165,7 +169,7 @@ def bench_config(name: str, cfg: Config, workers: list[int], steps: int, warmup:
     for w in workers:
         cfg.data.num_workers = w
         # Throughput: a consumer that does nothing but take batches.
-        ld = build_loader(cfg, 0, nproc, is_builder=False)
+        ld = _loader(cfg, nproc, dev)
         try:
             for s in range(warmup):
                 ld.train_batch(s, 0)
@@ -180,7 +184,7 @@ def bench_config(name: str, cfg: Config, workers: list[int], steps: int, warmup:
         finally:
             ld.close()
         # Stalls: the real loop, data_wait measured as the trainer does.
-        ld = build_loader(cfg, 0, nproc, is_builder=False)
+        ld = _loader(cfg, nproc, dev)
         waits, cpu, steps_t, bg0 = [], [], [], 0.0
         try:
             for s in range(warmup + steps):
@@ -213,6 +217,16 @@ def bench_config(name: str, cfg: Config, workers: list[int], steps: int, warmup:
             "global_batch_size": ref.global_batch_size, "unit": ref.unit,
             "describe": ref.describe, "train_step_s": step_s,
             "consumption_samples_per_s": consumption, "workers": rows, "targets_met": met}
+
+
+def _loader(cfg: Config, nproc: int, dev: torch.device) -> Any:
+    """Rank 0's loader, delivering as the trainer's does (``train.Trainer``)."""
+    from zentrain.data import build_loader
+
+    ld = build_loader(cfg, 0, nproc, is_builder=False)
+    ld.set_device(dev)
+    ld.warm_up()
+    return ld
 
 
 def _print(res: dict[str, Any]) -> None:

@@ -12,7 +12,9 @@ time is reported (``cpu_s``), so the cost is moved off the step's critical path,
 Order and exactness do not change: the thread asks the pool for exactly the step after the
 one just served, so it never runs ahead of what the trainer will ask next, and a step asked
 out of order is taken on the caller's thread from the planner's state (as without it).
-Only one of the two threads uses the pool at a time. An error the thread meets (a worker
+Only one of the two threads uses the pool at a time. On CUDA the thread also starts the
+step's host-to-device copy (``take``, see ``device.py``), so that too happens beside the
+step. An error the thread meets (a worker
 that keeps dying, a corrupt record with ``on_error = "fail"``) is raised by the
 ``train_batch`` of the step it was for.
 """
@@ -26,6 +28,9 @@ from collections.abc import Callable
 from zentrain.data.plan import LoaderState
 from zentrain.data.workers import StepResult, WorkerPool
 
+Take = Callable[[int, "LoaderState | None"], StepResult]
+"""``take(step, reset_state)``: ``pool.get`` and whatever delivery adds (``device.py``)."""
+
 POLL_MIN_S, POLL_MAX_S = 0.001, 0.02
 """Bounds of how often the idle thread looks for the next step to take: a twentieth of the
 trainer's step period. ``get`` does not wake it: a woken thread takes the trainer's CPU and
@@ -37,8 +42,10 @@ looks a second slowed the GPT debug step by ~5% on 2 cores."""
 class Ahead:
     """One step of read-ahead over ``pool`` (see the module docstring)."""
 
-    def __init__(self, pool: WorkerPool, state_at: Callable[[int], LoaderState]) -> None:
+    def __init__(self, pool: WorkerPool, state_at: Callable[[int], LoaderState],
+                 take: Take | None = None) -> None:
         self.pool, self.state_at = pool, state_at
+        self.take: Take = take or pool.get
         self._cv = threading.Condition()
         self._want: int | None = None  # the step the thread is taking now
         self._got: tuple[int, StepResult | None, BaseException | None] | None = None
@@ -67,7 +74,7 @@ class Ahead:
             assert res is not None
         else:  # first step, or out of order: the thread is idle, take it here
             pool = self.pool
-            res = pool.get(step, self.state_at(step) if step != pool.expect else None)
+            res = self.take(step, self.state_at(step) if step != pool.expect else None)
         with self._cv:
             self._want = step + 1
         return res
@@ -85,7 +92,7 @@ class Ahead:
             res: StepResult | None = None
             err: BaseException | None = None
             try:
-                res = self.pool.get(step)  # in order: the pool expects exactly this step
+                res = self.take(step, None)  # in order: the pool expects exactly this step
             except BaseException as e:  # noqa: BLE001 - raised by the trainer's get(step)
                 err = e
             self.cpu_s += time.thread_time() - c0

@@ -32,6 +32,7 @@ from torch import Tensor
 from zentrain.config import Config, ConfigError
 from zentrain.data.ahead import Ahead
 from zentrain.data.corpus import DataError, log
+from zentrain.data.device import DeviceStager, hand_over
 from zentrain.data.plan import LoaderState, MixSchedule, Planner, allocate, batch_digest
 from zentrain.data.sources import Resolved, Source, batch_layout, build_batch, resolve_sources
 from zentrain.data.workers import STALL_TIMEOUT_S, PlanSpec, StepResult, WorkerPool, _context
@@ -84,6 +85,8 @@ class Loader:
         # Test hook: (step, n): the worker building ``step`` dies the first n times.
         self._crash_at: tuple[int, int] | None = None
         self._warned_daemon = False
+        self._device: torch.device | None = None  # set_device: CUDA only
+        self._stager: DeviceStager | None = None
         self.stall_timeout_s = STALL_TIMEOUT_S
         """A worker that builds nothing for this long is an error (a hang, not a slow disk)."""
         self.restarts_before = 0
@@ -142,6 +145,23 @@ class Loader:
             _context()
             forkserver.ensure_running()
 
+    def set_device(self, device: torch.device | str) -> None:
+        """Deliver training batches on ``device``. CUDA: each batch goes from its slot into
+        a pinned buffer and to the GPU on a side stream, on the read-ahead thread while the
+        previous step trains; ``train_batch`` makes the current stream wait for the copy
+        (``device.py``). CPU: nothing changes. Call before training (it restarts the
+        workers)."""
+        device = torch.device(device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"the loader cannot deliver batches on {device}: CUDA is not "
+                              "available (allowed here: 'cpu')")
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        want = device if device.type == "cuda" else None
+        if want != self._device:
+            self.close()
+            self._device = want
+
     # -- training batches --------------------------------------------------------------------
     def train_batch(self, step: int, micro: int) -> dict[str, Tensor]:
         """Micro-batch ``micro`` of this rank's share of step ``step``.
@@ -153,7 +173,11 @@ class Loader:
             raise ValueError(f"micro-batch {micro} out of range (train.grad_accum = "
                              f"{self.accum})")
         if self._current is None or self._current[0] != step:
-            self._current = (step, self._fetch(step))
+            res = self._fetch(step)
+            if res.ready is not None:  # CUDA: the copy runs on the side stream
+                assert self._device is not None
+                hand_over(res.batch, res.ready, self._device)
+            self._current = (step, res)
             self.next_step = step + 1
         batch = self._current[1].batch
         if self.accum == 1:
@@ -162,20 +186,36 @@ class Loader:
         return {k: v[micro * mb:(micro + 1) * mb] for k, v in batch.items()}
 
     def _fetch(self, step: int) -> StepResult:
+        if self._device is not None and self._stager is None:
+            self._stager = DeviceStager(self._device, self.layout,
+                                        self.global_batch_size // self.world)
         if self.num_workers == 0 or self._daemonic():
             res = self._build_here(step)
+            if self._stager is not None:
+                res.batch, res.ready = self._stager.stage(res.batch)
         else:
             if self._pool is None:
                 self._pool = WorkerPool([s.recipe for s in self.sources], self._spec(),
                                         self.planner.state_at(step), self.layout,
                                         self.num_workers, self.prefetch,
                                         self._crash_at, self.stall_timeout_s)
-                self._ahead = Ahead(self._pool, self.planner.state_at)
+                self._ahead = Ahead(self._pool, self.planner.state_at, self._take)
             assert self._ahead is not None
             res = self._ahead.get(step)
         self._seen[step] = (res.digest, res.counts)
         while len(self._seen) > 256:
             self._seen.popitem(last=False)
+        return res
+
+    def _take(self, step: int, reset: LoaderState | None) -> StepResult:
+        """A step from the pool (on the read-ahead thread, or the caller's); on CUDA copied
+        into a pinned buffer and sent to the device."""
+        assert self._pool is not None
+        if self._stager is None:
+            return self._pool.get(step, reset)
+        i, host = self._stager.host_buffer()
+        res = self._pool.get(step, reset, out=host)
+        res.batch, res.ready = self._stager.send(i, host)
         return res
 
     def _daemonic(self) -> bool:
@@ -319,11 +359,13 @@ class Loader:
 
     def memory_bytes(self) -> int:
         """What the loader holds on this rank: prefetch slots + the workers' private memory
-        (0 workers: the last batch). Memory-mapped data is page cache, not counted."""
+        (0 workers: the last batch) + pinned staging buffers (CUDA). Memory-mapped data is
+        page cache, not counted."""
+        pinned = self._stager.ring.nbytes if self._stager is not None else 0
         if self._pool is not None:
-            return self._pool.memory_bytes()
+            return self._pool.memory_bytes() + pinned
         cur = self._current[1].batch if self._current else {}
-        return sum(t.numel() * t.element_size() for t in cur.values())
+        return pinned + sum(t.numel() * t.element_size() for t in cur.values())
 
     def close(self) -> None:
         """Stop the workers (idempotent; a later ``train_batch`` starts new ones)."""
@@ -335,6 +377,8 @@ class Loader:
             self.restarts_before += self._pool.restarts
             self._pool.close()
             self._pool = None
+        # Sized for this batch; the allocator keeps pinned memory until its copies complete.
+        self._stager = None
 
     def __del__(self) -> None:
         try:

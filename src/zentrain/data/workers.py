@@ -78,6 +78,9 @@ class StepResult:
     """``batch_digest`` of the step's global batch."""
     counts: list[int]
     """Samples per source in the step's global batch."""
+    ready: Any = None
+    """CUDA: the event the batch's host-to-device copy records (``device.py``); None: the
+    batch is usable now."""
 
 
 # A forkserver child re-runs the main module by name (spawn semantics); since the server
@@ -302,9 +305,12 @@ class WorkerPool:
         assert task.slot == slot, (task, slot)
         self.done[step] = (slot, digest, counts)
 
-    def get(self, step: int, reset_state: LoaderState | None = None) -> StepResult:
+    def get(self, step: int, reset_state: LoaderState | None = None,
+            out: dict[str, Tensor] | None = None) -> StepResult:
         """The batch of ``step``. Steps come in order; ``reset_state`` (the state at
-        ``step``) is needed only when ``step`` is not the one after the previous call."""
+        ``step``) is needed only when ``step`` is not the one after the previous call.
+        The batch is copied out of its slot into ``out`` (e.g. a pinned buffer) or a new
+        tensor; the slot is handed to the next step only after that copy."""
         if step != self.expect:
             if reset_state is None or reset_state.step != step:
                 raise ValueError(f"step {step} out of order (expected {self.expect}) and no "
@@ -325,8 +331,10 @@ class WorkerPool:
                 raise DataError(f"data worker {task.worker} built nothing for "
                                 f"{self.stall_timeout_s:.0f} s (step {step}); is it hung?")
         slot, digest, counts = self.done.pop(step)
-        batch = {k: v.clone() for k, v in self.slots[slot].items()}
-        self.free.append(slot)
+        src = self.slots[slot]
+        batch = ({k: v.clone() for k, v in src.items()} if out is None else
+                 {k: out[k].copy_(v) for k, v in src.items()})
+        self.free.append(slot)  # after the copy (synchronous): a worker may refill it now
         self.deaths.pop(step, None)
         self.expect = step + 1
         self._fill()
