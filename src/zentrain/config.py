@@ -70,6 +70,9 @@ class SourceConfig:
     """Weight reached after ``ramp_steps``, linearly from ``weight`` (negative: no ramp)."""
     ramp_steps: int = 0
     """Steps of the linear ramp from ``weight`` to ``weight_end``."""
+    ramp_start: int = 0
+    """Step at which the ramp begins; the weight is ``weight`` until then (e.g. a data
+    curriculum that changes the mixture after a first phase)."""
     token_dtype: Literal["uint16", "uint32"] = "uint16"
     """``bin`` format: the integer type of the raw little-endian token ids."""
 
@@ -396,9 +399,15 @@ def _validate_sources(sources: list[SourceConfig]) -> None:
             raise ConfigError(f"{key}.ramp_steps must be >= 0 (got {s.ramp_steps})")
         if s.weight_end >= 0 and s.ramp_steps == 0:
             raise ConfigError(f"{key}.weight_end needs {key}.ramp_steps > 0")
+        if s.ramp_start < 0:
+            raise ConfigError(f"{key}.ramp_start must be >= 0 (got {s.ramp_start})")
+        if s.ramp_start and s.weight_end < 0:
+            raise ConfigError(f"{key}.ramp_start needs a ramp ({key}.weight_end and "
+                              "ramp_steps)")
     # Weights are piecewise linear in the step: their sum is smallest at step 0 or at the
-    # end of some ramp, so checking those steps covers every step.
-    for t in {0, *(s.ramp_steps for s in sources)}:
+    # start or end of some ramp, so checking those steps covers every step.
+    for t in sorted({0, *(s.ramp_start for s in sources),
+                     *(s.ramp_start + s.ramp_steps for s in sources)}):
         if sources and sum(source_weight(s, t) for s in sources) <= 0:
             raise ConfigError(f"data.sources weights sum to 0 at step {t}; give some source "
                               "a positive weight")
@@ -406,10 +415,10 @@ def _validate_sources(sources: list[SourceConfig]) -> None:
 
 def source_weight(s: SourceConfig, step: int) -> float:
     """The weight of source ``s`` at ``step``: ``weight``, ramped linearly to ``weight_end``
-    over ``ramp_steps`` when ``weight_end >= 0``."""
+    over ``ramp_steps`` from step ``ramp_start`` when ``weight_end >= 0``."""
     if s.weight_end < 0 or s.ramp_steps == 0:
         return s.weight
-    frac = min(1.0, step / s.ramp_steps)
+    frac = min(1.0, max(0.0, (step - s.ramp_start) / s.ramp_steps))
     return s.weight + (s.weight_end - s.weight) * frac
 
 

@@ -169,6 +169,19 @@ def test_linear_ramp_changes_the_mixture():
     assert abs(mid - 0.5) < 0.06
 
 
+def test_a_ramp_can_start_later():
+    srcs = [SourceConfig(format="synthetic", name="a", weight=3.0, weight_end=0.0,
+                         ramp_steps=100, ramp_start=300),
+            SourceConfig(format="synthetic", name="b", weight=1.0)]
+    ld = build_loader(ctr_cfg(global_batch_size=20, sources=srcs), 0, 1, True)
+    assert all(ld.mixture(s) == {"a": 15, "b": 5} for s in (0, 150, 300))
+    assert ld.mixture(400) == {"a": 0, "b": 20} == ld.mixture(900)
+    # Halfway (step 350): a weighs 1.5 against 1, so 12 of 20 samples on average.
+    mid = sum(ld.mixture(s)["a"] for s in range(348, 353)) / 5
+    assert abs(mid - 12) <= 1
+    assert "3->0 over 100 steps from step 300" in ld.describe
+
+
 def test_global_batch_must_split_over_ranks_and_micro_batches():
     with pytest.raises(ConfigError, match=r"data.global_batch_size = 10 samples cannot be "
                                           r"split evenly over 4 ranks"):

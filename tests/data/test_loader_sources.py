@@ -256,6 +256,11 @@ def test_sources_from_toml(tmp_path):
     ('[[data.sources]]\nweight = -1.0\n', r"data\.sources\[0\]\.weight must be >= 0"),
     ('[[data.sources]]\nweight = 0.0\n', r"weights sum to 0 at step 0"),
     ('[[data.sources]]\nweight_end = 1.0\n', r"weight_end needs data\.sources\[0\]\.ramp_steps"),
+    ('[[data.sources]]\nramp_start = 5\n', r"data\.sources\[0\]\.ramp_start needs a ramp"),
+    ('[[data.sources]]\nweight_end = 1.0\nramp_steps = 9\nramp_start = -1\n',
+     r"data\.sources\[0\]\.ramp_start must be >= 0 \(got -1\)"),
+    ('[[data.sources]]\nweight = 1.0\nweight_end = 0.0\nramp_steps = 10\nramp_start = 50\n',
+     r"weights sum to 0 at step 60"),
     ('[data]\nsources = [1]\n', r"bad value for data\.sources\[0\]: 1"),
     ('[data]\nnum_workers = -1\n', r"data\.num_workers must be >= 0"),
 ])

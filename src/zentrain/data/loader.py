@@ -390,5 +390,6 @@ class Loader:
 def _weight_text(s: Source) -> str:
     c = s.config
     if c.weight_end >= 0 and c.ramp_steps:
-        return f"{c.weight:g}->{c.weight_end:g} over {c.ramp_steps} steps"
+        start = f" from step {c.ramp_start}" if c.ramp_start else ""
+        return f"{c.weight:g}->{c.weight_end:g} over {c.ramp_steps} steps{start}"
     return f"{c.weight:g}"
