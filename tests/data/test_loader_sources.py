@@ -216,6 +216,8 @@ def test_criteo_bad_row_fatal_when_asked(tsv, tmp_path):
     build_loader(ctr_cfg(tmp_path, [str(tsv)]), 0, 1, True)  # cache the index (skipping)
     with pytest.raises(DataError, match=f"{tsv}:10: bad Criteo row"):  # still fatal
         build_loader(cfg, 0, 1, True)
+    with pytest.raises(DataError, match=f"{tsv}:10: bad Criteo row"):  # on every rank
+        build_loader(cfg, 1, 2, False)
 
 
 def test_criteo_non_builder_needs_the_index(tsv, tmp_path):

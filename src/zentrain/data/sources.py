@@ -217,8 +217,7 @@ def resolve_sources(cfg: Config, is_builder: bool) -> Resolved:
             idx = prepare_criteo_index(fs, mc.num_dense, mc.num_fields, dc.cache_dir,
                                        dc.on_error, is_builder,
                                        report=lines if is_builder else None)
-            if is_builder:
-                _announce_criteo(idx, name, lines)
+            _apply_criteo(idx, name, lines, dc.on_error, is_builder)
             r = CriteoRecipe(idx, mc.num_dense, mc.num_fields, mc.rows_per_field)
             n_eval = int(idx.n_rows * dc.eval_fraction)
             n_train = idx.n_rows - n_eval
@@ -231,15 +230,21 @@ def resolve_sources(cfg: Config, is_builder: bool) -> Resolved:
     return Resolved(out, "ctr", None)
 
 
-def _announce_criteo(idx: CriteoIndex, name: str, lines: ReportedLines) -> None:
-    """Say the index's bad rows once per process tree (a fresh index and a cached one list
-    them alike), with their count from the index's meta.json."""
+def _apply_criteo(idx: CriteoIndex, name: str, lines: ReportedLines, on_error: str,
+                  is_builder: bool) -> None:
+    """The builder says the index's bad rows once per process tree (a fresh index and a
+    cached one alike), with their count from the index's meta.json; under "fail" the other
+    ranks stop too (the builder's open already raised)."""
     cache = Path(idx.path).parent
     try:
-        n_bad = int(json.loads((cache / "meta.json").read_text()).get("n_bad", lines.count))
+        meta = json.loads((cache / "meta.json").read_text())
     except (OSError, ValueError):
-        n_bad = lines.count
-    announce(cache.name, f"Criteo source {name!r}", lines.kept, max(n_bad, lines.count))
+        meta = {}
+    n_bad = max(int(meta.get("n_bad", 0)), lines.count)
+    if on_error == "fail" and n_bad and meta.get("bad"):
+        raise DataError(f"{meta['bad'][0]}; set data.on_error='skip' to skip such rows")
+    if is_builder:
+        announce(cache.name, f"Criteo source {name!r}", lines.kept, n_bad)
 
 
 def _check_train(name: str, n_train: int, unit: str) -> None:
