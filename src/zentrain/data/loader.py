@@ -1,6 +1,8 @@
 """The loader the trainer uses: global deterministic order, exact reshardable resume, workers.
 
     loader = build_loader(cfg, rank, world, is_builder)   # same collective rules as build_data
+    loader.set_device(device)                             # CUDA: copies beside the step
+    loader.warm_up()                                      # start the worker server now
     loader.load_state_dict(saved)                         # on resume (optional)
     for step in range(start, steps):
         for micro in range(grad_accum):
