@@ -145,7 +145,13 @@ class Loader:
             from multiprocessing import forkserver
 
             _context()
-            forkserver.ensure_running()
+            try:
+                # The instance's method, not the module alias bound at import: a child of
+                # zentrain.zygote replaces it to adopt the zygote's running server.
+                forkserver._forkserver.ensure_running()  # type: ignore[attr-defined]
+            except Exception as e:  # noqa: BLE001 - an optimisation; the pool starts anyway
+                log.warning(f"loader warm-up skipped ({e}); the workers start at the first "
+                            "batch")
 
     def set_device(self, device: torch.device | str) -> None:
         """Deliver training batches on ``device``. CUDA: each batch goes from its slot into
