@@ -34,10 +34,9 @@ import torch.distributed as dist
 
 from zentrain.sync import comm
 from zentrain.sync.bitmap import HashUniverse
-from zentrain.sync.comm import ByteCounter
+from zentrain.sync.comm import ByteCounter, comm_device
 from zentrain.sync.hashing import HashSeeds, Partition, hierarchical_hash, sort_partition
 from zentrain.sync.omnireduce import ParallelReducer
-from zentrain.sync.reducers import comm_device
 
 
 class ZenReducer(ParallelReducer):
