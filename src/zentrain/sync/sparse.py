@@ -155,9 +155,12 @@ class SparseSync(GradSync):
         if max_density > self.dense_threshold:
             dense = p.grad.to_dense() if p.grad is not None and p.grad.is_sparse else (
                 p.grad if p.grad is not None else torch.zeros_like(p))
+            sent0, recv0 = self.counter.snapshot()
             comm.all_reduce(dense, self.counter, self.group)
             p.grad = dense.div_(self.world_size)
-            return {"path": "dense", "density": max_density}
+            return {"path": "dense", "density": max_density,
+                    "bytes_sent": self.counter.sent - sent0,
+                    "bytes_recv": self.counter.recv - recv0}
         return {"path": "sparse", "density": max_density}
 
     def state_dict(self) -> dict[str, Any]:
