@@ -72,8 +72,12 @@ class SparseSync(GradSync):
         self.dense = DenseSync(self.group, self.bucket_mb, exclude=set(self.tables),
                                counter=self.counter)
         self.dense.prepare(model)
+        names = {id(p): n for n, p in model.named_parameters()}
+        # ``auto`` names its tensor in the log line of each choice.
+        label = (lambda p: {"tensor": names.get(id(p))}) if self.scheme == "auto" else (
+            lambda p: {})
         self.reducers = [build_reducer(self.scheme, self.group, self.counter,
-                                       **self.reducer_opts) for _ in self.tables]
+                                       **self.reducer_opts, **label(p)) for p in self.tables]
         return model
 
     def no_sync(self):
