@@ -30,6 +30,7 @@ CONFIGS = {
     "sparcml": ("sparcml", {}),
     "sparcml-dense": ("sparcml", {"dense_threshold": 0.0}),
     "omnireduce": ("omnireduce", {}),
+    "omnireduce-blocks": ("omnireduce", {"block_elems": 8}),  # 8, 2 or 2 rows per block
     "zen": ("zen", {}),
     "zen-coo-sort": ("zen", {"pull_format": "coo", "partitioner": "sort"}),
     "zen-hash": ("zen", {"partitioner": "hash"}),  # Algorithm 1 (the CPU default sorts)
@@ -154,6 +155,12 @@ def _check(world: int, cases: list[dict], results: list[dict]) -> None:
                     name == "auto" and results[0]["stats"][name][c]["scheme"] == "allreduce")):
                 nonzero = (vals.reshape(len(idx), -1) != 0).any(1) if len(idx) else idx.bool()
                 assert set(idx.tolist()) <= set(union) and bool(nonzero.all()), where
+            elif name == "omnireduce-blocks" and world > 1:
+                # Every row of every block that holds a row of the union, nothing else.
+                rpb = max(1, 8 // max(1, math.prod(vals.shape[1:])))
+                blocks = sorted({i // rpb for i in union})
+                rows = [b * rpb + j for b in blocks for j in range(rpb)]
+                assert idx.tolist() == [i for i in rows if i < case["num_rows"]], where
             else:
                 assert idx.tolist() == union, f"{where}: index set is not the union"
             got = torch.zeros_like(ref)
