@@ -6,7 +6,9 @@
         loss.backward()          # gradients are synced (averaged) when backward returns
         optimizer.step(); optimizer.zero_grad()
 
-Like DDP: parameters and buffers are broadcast from rank 0 at construction, gradients are
+Like DDP: construction checks that every rank built the same model (names, shapes and
+dtypes of parameters and buffers; otherwise the same ``ValueError`` on every rank, see
+``zentrain.sync.agree``), parameters and buffers are broadcast from rank 0, gradients are
 averaged (mean over ranks), ``no_sync()`` skips communication for accumulation steps, and
 with one process nothing is communicated. The sync is completed by a callback queued on
 the autograd engine during backward (the mechanism DDP itself uses), so users need no
@@ -23,6 +25,7 @@ import torch.distributed as dist
 from torch import nn
 
 from zentrain.sync import GradSync, SyncStats, build_grad_sync
+from zentrain.sync.agree import check_same_model
 
 
 class DataParallel(nn.Module):
@@ -41,6 +44,10 @@ class DataParallel(nn.Module):
         self.module = module
         base = sync if isinstance(sync, GradSync) else build_grad_sync(sync, group, **sync_opts)
         self.grad_sync = maybe_compress(base, compress)
+        if self.grad_sync.world_size > 1:
+            # Before any payload collective (the broadcast below, the buckets, DDP's own
+            # checks): a model that differs between ranks is one clear error everywhere.
+            check_same_model(module, group)
         if broadcast_from_rank0 and self.grad_sync.world_size > 1 and self.grad_sync.name != "ddp":
             _broadcast_state(module, group)
         # DDP wraps the module; other schemes return it unchanged. Not registered as a

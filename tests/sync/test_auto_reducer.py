@@ -84,3 +84,69 @@ def test_auto_one_rank_and_bad_options():
         AutoReducer(None, ByteCounter(), candidates=("zen", "bogus"))
     with pytest.raises(ValueError, match="recheck_every"):
         AutoReducer(None, ByteCounter(), profile_steps=5, recheck_every=5)
+
+
+# -- the log line of each choice -------------------------------------------------------------
+def test_auto_logs_each_pick_and_change_once(caplog):
+    # _decide communicates nothing: it reads the profile that reduce() accumulated from
+    # collectives. Filling the profile by hand gives it the inputs of a 4-rank run.
+    red = AutoReducer(None, ByteCounter(), profile_steps=1, recheck_every=0, tensor="emb.weight")
+    red.world_size, red.rank = 4, 0
+    overlap = {"calls": 1, "nnz_sum": 4 * 1000, "out_nnz": 1000, "num_rows": 100_000,
+               "row_numel": 16}
+    caplog.set_level("INFO", logger="zentrain.sync.auto")
+    red.profile.update(overlap)
+    red._decide()
+    red._decide()  # same profile, same choice: no second line
+    dense = dict(overlap, nnz_sum=4 * 100_000, out_nnz=100_000)
+    red.profile.update(dense)
+    red._decide()
+    lines = [r.getMessage() for r in caplog.records if r.name == "zentrain.sync.auto"]
+    assert len(lines) == 2, lines
+    assert lines[0].startswith("auto: emb.weight chose zen after 1 calls (d=0.01, gamma=1, n=4")
+    assert lines[1].startswith("auto: emb.weight switched from zen to allreduce")
+    for line in lines:
+        for s in red.candidates:
+            assert f"{s}=" in line, line
+    want = cost.predict(red.workload(), red.candidates)["allreduce"].recv_bytes
+    assert f"allreduce={want:.4g}" in lines[1]
+    # Other ranks decide the same but stay quiet.
+    caplog.clear()
+    quiet = AutoReducer(None, ByteCounter(), profile_steps=1, recheck_every=0)
+    quiet.world_size, quiet.rank = 4, 1
+    quiet.profile.update(overlap)
+    quiet._decide()
+    assert quiet.choice == "zen" and not caplog.records
+
+
+
+def _logged(rank: int, world: int) -> list[str]:
+    import logging
+
+    import zentrain
+
+    lines: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            lines.append(record.getMessage())
+
+    logger = logging.getLogger("zentrain.sync.auto")
+    logger.addHandler(Keep())
+    logger.setLevel(logging.INFO)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential()
+    model.add_module("emb", torch.nn.Embedding(1000, 8))
+    dp = zentrain.DataParallel(model, sync="auto", profile_steps=2, recheck_every=0)
+    for step in range(4):
+        ids = torch.randint(0, 1000, (20,), generator=torch.Generator().manual_seed(step + rank))
+        dp(ids).sum().backward()
+    return lines
+
+
+@pytest.mark.slow
+def test_auto_in_training_logs_the_choice_on_rank_zero():
+    lines = run_ranks(_logged, 2, timeout=60)
+    assert lines[1] == []
+    assert len(lines[0]) == 1, lines[0]
+    assert lines[0][0].startswith("auto: emb.weight chose ") and "after 2 calls" in lines[0][0]

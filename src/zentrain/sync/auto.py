@@ -6,7 +6,9 @@ metadata and Pull already tell every rank, exactly and identically, the non-zero
 each rank and of the sum. From those counts it takes the density ``d`` and the
 densification ``γ_n`` (ratio of sums over the profiled calls), feeds them to the cost
 model (``cost.py``: Eq. 1 for ZEN, Eq. 2 for SparCML, AGsparse, dense ring all-reduce)
-and uses the cheapest scheme until the next re-check.
+and uses the cheapest scheme until the next re-check. Each pick, and each change at a
+re-check, is logged once (rank 0, logger ``zentrain.sync.auto``, INFO) with the tensor,
+``d``, ``γ`` and every candidate's predicted bytes.
 
 All ranks make the same choice: the inputs are integers that every rank received in the
 same collectives (no rank-local measurement such as timing enters), and the arithmetic
@@ -17,6 +19,7 @@ on them is the same everywhere. ``last_stats`` is the inner scheme's plus ``sche
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
@@ -33,6 +36,8 @@ from zentrain.sync.zen import ZenReducer
 
 CANDIDATES = ("zen", "sparcml", "agsparse", "allreduce")
 
+log = logging.getLogger(__name__)
+
 
 class AutoReducer(SparseReducer):
     """Picks a scheme per tensor by the cost model.
@@ -45,6 +50,8 @@ class AutoReducer(SparseReducer):
         bandwidth: bytes/s used to turn predicted bytes into seconds.
         latency: seconds charged per message round (0: pure volume, as in the paper).
         zen_opts / sparcml_opts: constructor options of the inner reducers.
+        tensor: the tensor's name in the log line of each choice (``SparseSync`` passes
+            the parameter name); None: described by its shape.
     """
 
     name = "auto"
@@ -54,7 +61,7 @@ class AutoReducer(SparseReducer):
         profile_steps: int = 5, recheck_every: int = 200,
         candidates: tuple[str, ...] = CANDIDATES, bandwidth: float = 1.25e9,
         latency: float = 0.0, zen_opts: dict[str, Any] | None = None,
-        sparcml_opts: dict[str, Any] | None = None,
+        sparcml_opts: dict[str, Any] | None = None, tensor: str | None = None,
     ) -> None:
         super().__init__(group, counter)
         bad = [c for c in candidates if c not in CANDIDATES]
@@ -67,6 +74,7 @@ class AutoReducer(SparseReducer):
         self.profile_steps, self.recheck_every = profile_steps, recheck_every
         self.candidates = tuple(candidates)
         self.bandwidth, self.latency = bandwidth, latency
+        self.tensor = tensor
         self.reducers: dict[str, SparseReducer] = {
             "zen": ZenReducer(group, counter, **(zen_opts or {})),
             "sparcml": SparCMLReducer(group, counter, **(sparcml_opts or {})),
@@ -134,8 +142,19 @@ class AutoReducer(SparseReducer):
         w = self.workload()
         if w is None:
             return
+        before = self.choice
         self.choice, self.predicted = best(w, self.candidates, self.bandwidth, self.latency)
         self.predicted_bytes = {s: c.recv_bytes for s, c in predict(w, self.candidates).items()}
+        # One line per pick or change, on rank 0 only (every rank decides the same); a
+        # re-check that keeps the scheme stays quiet. With one rank nothing is sent, so
+        # there is no choice worth reporting.
+        if self.choice != before and self.rank == 0 and self.world_size > 1:
+            name = self.tensor or f"tensor of {w.num_rows}x{w.row_numel}"
+            how = "chose" if before is None else f"switched from {before} to"
+            alts = ", ".join(f"{s}={b:.4g}" for s, b in self.predicted_bytes.items())
+            log.info("auto: %s %s %s after %d calls (d=%.4g, gamma=%.4g, n=%d; predicted "
+                     "bytes received per rank: %s)", name, how, self.choice, self.calls + 1,
+                     w.density, w.gamma, w.n, alts)
 
     # -- state ------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

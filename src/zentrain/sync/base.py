@@ -34,9 +34,42 @@ class SyncStats:
     bytes_recv: int = 0
     """Bytes this rank took off the wire for gradient sync in the step."""
     exposed_s: float = 0.0
-    """Seconds spent in ``finish`` (sync not hidden behind backward)."""
+    """Seconds from the start of ``finish`` until the synced gradients are ready: the
+    sync not hidden behind backward. On CUDA it is measured on the device (from the end of
+    the work queued before ``finish`` to the end of the sync), since NCCL's ``wait()``
+    returns before the data has moved; on CPU it is host time. For ``ddp`` it is ~0 on
+    CPU: DDP waits for its all-reduce inside backward, so that time is in backward."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Scheme-specific figures (imbalance ratios, chosen scheme per tensor...)."""
+
+
+class _ExposedTimer:
+    """Seconds until the sync's results are ready, started at construction.
+
+    On CPU every collective here blocks the host until its data is in place, so host
+    time is the answer. On CUDA the host only queues work (NCCL's ``wait()`` makes the
+    current stream wait, not the host), so a host timer would read the launch time:
+    an event marks the start on the device (when the work queued before ``finish``,
+    i.e. backward, is done: compute that ran late is not charged to the sync), and the
+    device is synchronized at the end, every stream, NCCL's included.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.t0 = time.perf_counter()
+        self.start = None
+        if device.type == "cuda":
+            self.start = torch.cuda.Event(enable_timing=True)
+            self.start.record(torch.cuda.current_stream(device))
+
+    def stop(self) -> float:
+        if self.start is None:
+            return time.perf_counter() - self.t0
+        torch.cuda.synchronize(self.device)
+        end = torch.cuda.Event(enable_timing=True)
+        end.record(torch.cuda.current_stream(self.device))
+        end.synchronize()
+        return self.start.elapsed_time(end) / 1e3  # ms -> s
 
 
 class GradSync(ABC):
@@ -51,11 +84,14 @@ class GradSync(ABC):
         self.counter = ByteCounter()
         self._sync_enabled = True
         self._step_start = (0, 0)
+        self.device = torch.device("cpu")
+        """Where the gradients live (set by ``prepare``): decides how ``finish`` times."""
 
     # -- lifecycle -------------------------------------------------------------
     def prepare(self, model: nn.Module) -> nn.Module:
         """Attach to ``model`` (hooks, wrappers); returns the module to call forward on."""
         self.model = model
+        self.device = next((p.device for p in model.parameters()), torch.device("cpu"))
         return model
 
     def on_grad_ready(self, param: nn.Parameter) -> None:  # noqa: B027 - optional hook
@@ -66,13 +102,13 @@ class GradSync(ABC):
         """Complete communication; gradients end averaged and identical on all ranks."""
 
     def finish(self) -> SyncStats:
-        t0 = time.perf_counter()
+        timer = _ExposedTimer(self.device if self._sync_enabled else torch.device("cpu"))
         extra = self._finish() if self._sync_enabled else {}
         sent0, recv0 = self._step_start
         stats = SyncStats(
             bytes_sent=self.counter.sent - sent0,
             bytes_recv=self.counter.recv - recv0,
-            exposed_s=time.perf_counter() - t0,
+            exposed_s=timer.stop(),
             extra=extra or {},
         )
         self._step_start = self.counter.snapshot()

@@ -116,16 +116,36 @@ def broadcast(
     dist.broadcast(t, src=dist.get_global_rank(group, src) if group else src, group=group)
 
 
+def _staged(t: torch.Tensor, group: dist.ProcessGroup | None) -> bool:
+    """Whether ``t`` must go through host memory for point-to-point on ``group``.
+
+    gloo's send/recv hand ``t.data_ptr()`` to the transport as a host address (unlike its
+    collectives, it has no CUDA path), so a CUDA tensor would be read or written at a
+    device address. NCCL moves device memory itself; CPU tensors need nothing.
+    """
+    return t.device.type != "cpu" and dist.get_backend(group) == "gloo"
+
+
+def _peer(group: dist.ProcessGroup | None, r: int) -> int:
+    return dist.get_global_rank(group, r) if group else r
+
+
 def send(t: torch.Tensor, dst: int, counter: ByteCounter,
          group: dist.ProcessGroup | None = None) -> None:
     counter.add(nbytes(t), 0)
-    dist.send(t, dst=dist.get_global_rank(group, dst) if group else dst, group=group)
+    wire = t.cpu() if _staged(t, group) else t.contiguous()
+    dist.send(wire, dst=_peer(group, dst), group=group)
 
 
 def recv(t: torch.Tensor, src: int, counter: ByteCounter,
          group: dist.ProcessGroup | None = None) -> None:
     counter.add(0, nbytes(t))
-    dist.recv(t, src=dist.get_global_rank(group, src) if group else src, group=group)
+    if _staged(t, group):
+        host = torch.empty(t.shape, dtype=t.dtype)
+        dist.recv(host, src=_peer(group, src), group=group)
+        t.copy_(host)
+    else:
+        dist.recv(t, src=_peer(group, src), group=group)
 
 
 def exchange(
@@ -134,32 +154,23 @@ def exchange(
 ) -> None:
     """Simultaneous send/recv with one peer (pairwise exchange, deadlock-free)."""
     counter.add(nbytes(send_t), nbytes(recv_t))
-    g = dist.get_global_rank(group, peer) if group else peer
-    ops = [dist.P2POp(dist.isend, send_t.contiguous(), g, group),
-           dist.P2POp(dist.irecv, recv_t, g, group)]
+    g = _peer(group, peer)
+    staged = _staged(recv_t, group) or _staged(send_t, group)
+    out = send_t.cpu() if staged else send_t.contiguous()
+    into = torch.empty(recv_t.shape, dtype=recv_t.dtype) if staged else recv_t
+    ops = [dist.P2POp(dist.isend, out, g, group), dist.P2POp(dist.irecv, into, g, group)]
     for w in dist.batch_isend_irecv(ops):
         w.wait()
+    if staged:
+        recv_t.copy_(into)
 
 
-def check_consistent(
-    key: str, values: list[int], group: dist.ProcessGroup | None = None
-) -> None:
-    """Cheap pre-flight check that every rank agrees on ``values`` (shapes, dtype codes).
-
-    Runs one tiny all-gather *before* the payload collectives, so mismatched inputs give
-    a clear error on every rank instead of a hang or garbage (gloo would happily
-    exchange wrongly sized buffers or block forever).
-    """
-    n = world(group)
-    if n == 1:
-        return
-    mine = torch.tensor(values, dtype=torch.int64)
-    allv = torch.empty(n * len(values), dtype=torch.int64)
-    dist.all_gather_single(allv, mine, group=group)
-    rows = allv.view(n, len(values)).tolist()
-    if any(r != rows[0] for r in rows):
-        desc = "; ".join(f"rank {i}: {r}" for i, r in enumerate(rows))
-        raise ValueError(f"{key} differs across ranks ({desc}); every rank must pass the same")
+def comm_device(group: dist.ProcessGroup | None) -> torch.device:
+    """Where small control tensors must live for ``group``'s backend (NCCL: the current
+    CUDA device, it moves nothing else; gloo: host memory)."""
+    if dist.is_initialized() and dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 DTYPE_CODES = {
@@ -174,9 +185,7 @@ def gather_ints(values: list[int], counter: ByteCounter,
     n = world(group)
     if n == 1:
         return [list(values)]
-    # NCCL only moves CUDA tensors; gloo either.
-    dev = (torch.device("cuda", torch.cuda.current_device())
-           if dist.get_backend(group) == "nccl" else torch.device("cpu"))
+    dev = comm_device(group)
     mine = torch.tensor(values, dtype=torch.int64, device=dev)
     allv = torch.empty(n * len(values), dtype=torch.int64, device=dev)
     all_gather(allv, mine, counter, group)

@@ -1,6 +1,11 @@
 """``ddp``: plain ``torch.nn.parallel.DistributedDataParallel`` — the peer baseline, kept as is.
 
-DDP reduces inside backward on its own, so ``finish`` only does the accounting. Bytes are
+DDP reduces inside backward on its own, so ``finish`` only does the accounting. Its sync
+time is therefore **in backward**: DDP waits for its last all-reduce in its own autograd
+callback, so the trainer's ``backward_s`` includes it and ``sync_s`` (``exposed_s``) is
+~0 on CPU (measured 1.7e-5 s). Compare DDP with the other schemes by step time, or by
+``backward_s + sync_s``. (On CUDA, ``finish`` synchronizes the device, so whatever of
+DDP's all-reduce is still in flight when backward returns shows up in ``sync_s``.) Bytes are
 counted from the same cost model as our schemes (comm.py): dense gradients as a ring
 all-reduce of every parameter; sparse (COO) gradients as gloo's sparse all-reduce, which
 all-gathers every rank's indices and values (PyTorch issue tracker: gloo-only, grows with

@@ -30,6 +30,7 @@ streams fixed 256-element blocks; a row plays the role of a block here.)
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -83,6 +84,17 @@ class ParallelReducer(RowReducer):
     def _finish_stats(self) -> None:
         """Scheme-specific ``last_stats`` after a reduce (subclasses add theirs)."""
 
+    def _to_units(self, idx: torch.Tensor, vals: torch.Tensor, num_rows: int
+                  ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """The merged rows as the units the scheme moves: (ids, values, number of ids).
+        Rows themselves by default; OmniReduce's fixed-size blocks override it."""
+        return idx, vals, num_rows
+
+    def _from_units(self, idx: torch.Tensor, vals: torch.Tensor, num_rows: int
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inverse of ``_to_units`` on the summed result."""
+        return idx, vals
+
     def _reduce(self, indices, values, num_rows):
         return parallel_reduce([self], [(indices, values, num_rows)])[0]
 
@@ -97,6 +109,7 @@ class _Job:
     vals: torch.Tensor
     num_rows: int
     part: Partition | None
+    units: int = 0  # ids the pipeline moves: rows, or OmniReduce blocks
     err: int = 0
     idt: torch.dtype = torch.int32
     rb: int = 0
@@ -147,14 +160,15 @@ def parallel_reduce(reducers: list[ParallelReducer],
     # 1. Partition, locally.
     for red, (indices, values, num_rows) in zip(reducers, calls):
         idx, vals, err = red._prepare(indices, values, num_rows)
-        red._codec_s, part = 0.0, None
+        red._codec_s, part, units = 0.0, None, num_rows
         if not err:
             t0 = time.perf_counter()
-            part = red._partition(idx, num_rows)
+            idx, vals, units = red._to_units(idx, vals, num_rows)
+            part = red._partition(idx, units)
             _sync(dev)
             red._codec_s += time.perf_counter() - t0
-        jobs.append(_Job(red, values, idx, vals, num_rows, part, err, index_dtype(num_rows),
-                         row_nbytes(vals)))
+        jobs.append(_Job(red, values, idx, vals, num_rows, part, units, err,
+                         index_dtype(units), row_nbytes(vals)))
     # 2. Metadata: one all-gather of every table's header + splits (checks first).
     mine = [v for j in jobs for v in j.red._meta_row(
         j.values, j.num_rows, j.err, j.part.splits if j.part else [0] * n)]
@@ -199,7 +213,7 @@ def _push(jobs: list[_Job], n: int, me: int, dev: torch.device, counter, group) 
 def _pull(jobs: list[_Job], srows: list[list[int]], n: int, me: int, dev: torch.device,
           counter, group) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Each server's results for every table, one padded all-gather; all ranks decode."""
-    fmts = [j.red._pull_formats(j.num_rows, srows[t], dev) for t, j in enumerate(jobs)]
+    fmts = [j.red._pull_formats(j.units, srows[t], dev) for t, j in enumerate(jobs)]
     isec = [[pad8(j.red._index_bytes(k, fmts[t][k], srows[t][k], j.idt)) for k in range(n)]
             for t, j in enumerate(jobs)]
     total = [[isec[t][k] + srows[t][k] * j.rb for k in range(n)] for t, j in enumerate(jobs)]
@@ -241,19 +255,59 @@ def _pull(jobs: list[_Job], srows: list[list[int]], n: int, me: int, dev: torch.
             j.red._codec_s += time.perf_counter() - t0
     for t, (j, (out_idx, _)) in enumerate(zip(jobs, outs)):
         red = j.red
-        red._note_counts([sum(r) for r in j.splits], out_idx.numel(), j.num_rows)
+        red._note_counts([sum(r) for r in j.splits], out_idx.numel(), j.units)
         red.last_stats.update(imbalance_ratios(torch.tensor(j.splits), srows[t]))
         red.last_stats.update(
             server_rows=srows[t], pull_formats=fmts[t], codec_s=red._codec_s,
             pad_bytes=(n - 1) * top - sum(per_server[k] for k in range(n) if k != me))
         red._finish_stats()
-    return outs
+    return [j.red._from_units(i, v, j.num_rows) for j, (i, v) in zip(jobs, outs)]
 
 
 class OmniReduceReducer(ParallelReducer):
-    """Servers own contiguous row ranges; ``last_stats['skew']`` = hottest server / mean."""
+    """Servers own contiguous row ranges; ``last_stats['skew']`` = hottest server / mean.
+
+    Args:
+        block_elems: None (default): the unit is one row, sent as COO. An int: the unit
+            is a block of ``max(1, block_elems // row_numel)`` consecutive rows, as real
+            OmniReduce streams fixed 256-element blocks: a block any row of which is
+            non-zero on a rank travels whole (its zero rows included) with one block
+            index, and servers own contiguous ranges of blocks. The result then lists
+            every row of every block some rank sent (rows nobody had sum to 0, exactly);
+            ``nnz``/``density``/``gamma`` in ``last_stats`` count blocks, and
+            ``block_rows`` says how many rows a block has.
+    """
 
     name = "omnireduce"
+
+    def __init__(self, group, counter, *, block_elems: int | None = None) -> None:
+        super().__init__(group, counter)
+        if block_elems is not None and (isinstance(block_elems, bool) or block_elems < 1):
+            raise ValueError(f"omnireduce: block_elems must be None or a positive int, "
+                             f"got {block_elems!r}")
+        self.block_elems = block_elems
+        self._rows_per_block = 1
+
+    def _to_units(self, idx, vals, num_rows):
+        rpb = 1 if self.block_elems is None else max(
+            1, self.block_elems // max(1, math.prod(vals.shape[1:])))
+        self._rows_per_block = rpb  # for _from_units and the stats of this call
+        if rpb == 1:
+            return idx, vals, num_rows
+        blocks, inv = torch.unique_consecutive(idx // rpb, return_inverse=True)  # idx ascending
+        out = torch.zeros((blocks.numel(), rpb, *vals.shape[1:]), dtype=vals.dtype,
+                          device=vals.device)
+        out[inv, idx % rpb] = vals
+        return blocks, out, -(-num_rows // rpb)
+
+    def _from_units(self, idx, vals, num_rows):
+        rpb = self._rows_per_block
+        if rpb == 1:
+            return idx, vals
+        rows = (idx.unsqueeze(1) * rpb + torch.arange(rpb, device=idx.device)).reshape(-1)
+        flat = vals.reshape(-1, *vals.shape[2:])
+        keep = rows < num_rows  # the last block may run past the table
+        return rows[keep], flat[keep]
 
     def _partition(self, idx, num_rows):
         n = self.world_size
@@ -265,6 +319,8 @@ class OmniReduceReducer(ParallelReducer):
                          torch.bincount(dest, minlength=n).tolist())
 
     def _finish_stats(self) -> None:
+        if self.block_elems is not None:
+            self.last_stats["block_rows"] = self._rows_per_block
         rows = self.last_stats["server_rows"]
         mean = sum(rows) / len(rows)
         self.last_stats["skew"] = max(rows) / mean if mean else 1.0

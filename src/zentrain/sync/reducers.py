@@ -33,7 +33,7 @@ import torch.distributed as dist
 
 from zentrain.sync import comm
 from zentrain.sync.base import SparseReducer, coalesce_rows
-from zentrain.sync.comm import DTYPE_CODES, ByteCounter
+from zentrain.sync.comm import DTYPE_CODES, ByteCounter, comm_device  # noqa: F401 (re-export)
 
 _ERRORS = {
     1: "indices must be a 1-D integer tensor",
@@ -49,13 +49,6 @@ def _shape_hash(shape: tuple[int, ...]) -> int:
     for d in shape:
         h = (h * 1_000_003 + d + 1) % (1 << 61)
     return h
-
-
-def comm_device(group: dist.ProcessGroup | None) -> torch.device:
-    """Where small control tensors must live for ``group``'s backend."""
-    if dist.is_initialized() and dist.get_backend(group) == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 class RowReducer(SparseReducer):

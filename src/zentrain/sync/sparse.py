@@ -72,8 +72,12 @@ class SparseSync(GradSync):
         self.dense = DenseSync(self.group, self.bucket_mb, exclude=set(self.tables),
                                counter=self.counter)
         self.dense.prepare(model)
+        names = {id(p): n for n, p in model.named_parameters()}
+        # ``auto`` names its tensor in the log line of each choice.
+        label = (lambda p: {"tensor": names.get(id(p))}) if self.scheme == "auto" else (
+            lambda p: {})
         self.reducers = [build_reducer(self.scheme, self.group, self.counter,
-                                       **self.reducer_opts) for _ in self.tables]
+                                       **self.reducer_opts, **label(p)) for p in self.tables]
         return model
 
     def no_sync(self):
@@ -155,9 +159,12 @@ class SparseSync(GradSync):
         if max_density > self.dense_threshold:
             dense = p.grad.to_dense() if p.grad is not None and p.grad.is_sparse else (
                 p.grad if p.grad is not None else torch.zeros_like(p))
+            sent0, recv0 = self.counter.snapshot()
             comm.all_reduce(dense, self.counter, self.group)
             p.grad = dense.div_(self.world_size)
-            return {"path": "dense", "density": max_density}
+            return {"path": "dense", "density": max_density,
+                    "bytes_sent": self.counter.sent - sent0,
+                    "bytes_recv": self.counter.recv - recv0}
         return {"path": "sparse", "density": max_density}
 
     def state_dict(self) -> dict[str, Any]:

@@ -34,10 +34,9 @@ import torch.distributed as dist
 
 from zentrain.sync import comm
 from zentrain.sync.bitmap import HashUniverse
-from zentrain.sync.comm import ByteCounter
+from zentrain.sync.comm import ByteCounter, comm_device
 from zentrain.sync.hashing import HashSeeds, Partition, hierarchical_hash, sort_partition
 from zentrain.sync.omnireduce import ParallelReducer
-from zentrain.sync.reducers import comm_device
 
 
 class ZenReducer(ParallelReducer):
@@ -75,7 +74,9 @@ class ZenReducer(ParallelReducer):
         self.partitioner, self.pull_format = partitioner, pull_format
         drawn = HashSeeds.draw(k, seed) if self.rank == 0 else HashSeeds(0, (0,) * k)
         t = torch.tensor(drawn.as_list(), dtype=torch.int64, device=comm_device(group))
-        comm.broadcast(t, 0, counter, group)
+        # Setup, not gradient sync: kept out of ``counter``, so the first step's bytes
+        # are those of the step alone.
+        comm.broadcast(t, 0, ByteCounter(), group)
         self.seeds = HashSeeds.from_list(t.tolist())
         self._universe: HashUniverse | None = None
 
