@@ -99,22 +99,25 @@ def _from_bytes(b: bytes, shape: tuple[int, ...], dtype: str) -> torch.Tensor:
 
 
 # -- rank side ---------------------------------------------------------------------------------
-def _run_cases(rank: int, world: int, cases: list[dict]) -> dict:
+def _run_cases(rank: int, world: int, cases: list[dict], device: str = "cpu") -> dict:
+    """Every reducer on every case; ``device`` is where the gradients live (tests/test_cuda.py
+    runs the same cases on CUDA tensors)."""
     reducers = {name: build_reducer(kind, None, ByteCounter(), **opts)
                 for name, (kind, opts) in CONFIGS.items()}
     out: dict[str, list] = {name: [] for name in reducers}
     stats: dict[str, list] = {name: [] for name in reducers}
     for case in cases:
-        idx, vals = case["data"][rank]
+        idx, vals = (t.to(device) for t in case["data"][rank])
         for name, red in reducers.items():
             i, v = red.reduce(idx, vals, case["num_rows"])
-            out[name].append((_to_bytes(i), _to_bytes(v)))
+            assert i.device == idx.device and v.device == vals.device, name
+            out[name].append((_to_bytes(i.cpu()), _to_bytes(v.cpu())))
             stats[name].append({k: val for k, val in red.last_stats.items()
                                 if isinstance(val, (int, float, str))})
     # h0 and the partition of the same index set are identical on every rank.
     zen = reducers["zen"]
     probe = torch.randperm(5000, generator=torch.Generator().manual_seed(0))[:3000]
-    part = hierarchical_hash(probe, world, zen.seeds)
+    part = hierarchical_hash(probe.to(device), world, zen.seeds)
     return {"out": out, "stats": stats,
             "partition": (zen.seeds.as_list(), part.order.tolist(), part.splits)}
 
