@@ -27,8 +27,9 @@ worker never mistakes an older run's checkpoint in the same directory for its ow
 **Restore order** (GEMINI §3): the newest step committed on every rank from this node's
 agent, else a peer's replica, else the persistent checkpoint (after a restart, or with
 ``--resume``), else step 0. Falling back past the agents resets them, so the abandoned,
-newer timeline can never be restored later. Every path loads without pickle: agents'
-checkpoints are JSON + raw bytes (``serialize``), DCP loads tensors in place.
+newer timeline can never be restored later. No path unpickles arbitrary objects: agents'
+checkpoints are JSON + raw bytes (``serialize``); DCP checkpoints load through
+``persistent.load_state`` (allow-listed metadata, ``weights_only=True`` for every value).
 
 Timestamps for recovery analysis go to ``RUN_DIR/recovery.jsonl`` (a row per rank and
 start: where it restored from, when the process started, was built, had loaded) and each worker writes ``RUN_DIR/pids/rank{R}.json`` (pid, node, restart count),

@@ -7,11 +7,22 @@ crash mid-save never leaves a checkpoint that ``--resume`` would load; the previ
 stays. DCP loads into the live state dicts in place (no pickle of arbitrary objects), and a
 checkpoint saved at one world size loads at another since the model is replicated.
 
-Loading never unpickles arbitrary objects: DCP stores tensors raw and other values with
-``torch.save`` (read back with ``weights_only=True``), but its ``.metadata`` file is a plain
-pickle, which ``FileSystemReader`` loads with ``pickle.load``. ``SafeReader`` reads it with
-an unpickler that resolves only DCP's own metadata classes, ``torch.Size``, dtypes and
-layouts, so a crafted checkpoint cannot run code (``test_recovery.py`` checks this).
+Loading never unpickles arbitrary objects. DCP stores tensors raw (read back with
+``torch.load(weights_only=True)``) and every other value (optimizer ``param_groups``, the
+step, ...) as a ``torch.save`` blob that its ``DefaultLoadPlanner.load_bytes`` reads with
+``weights_only=False``, and its ``.metadata`` file is a plain pickle, which
+``FileSystemReader`` loads with ``pickle.load``. Both are closed here: ``SafeLoadPlanner``
+reads the blobs with ``weights_only=True`` (containers, numbers, strings and tensors only),
+and ``SafeReader`` unpickles the metadata against an allow-list of DCP's own metadata
+classes, ``torch.Size``, dtypes and layouts, and refuses to run with any other planner. A
+crafted checkpoint is refused with ``UnsafeCheckpoint`` before anything in it runs
+(``tests/ckpt/test_recovery.py`` plants payloads in both places).
+
+Per-rank state (the gradient sync's residuals, PowerSGD matrices, step counters) is not
+replicated, but DCP keeps one copy of every key, so it goes into a side file per rank,
+``rank{R}.pt``, written into ``step_N.tmp`` before the DCP save starts (so it is there
+whenever the directory is committed) and read with ``weights_only=True``. It is only
+valid at the world size it was written at: ``load_rank_state`` refuses it otherwise.
 """
 
 from __future__ import annotations
@@ -26,8 +37,11 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, ReadItem
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 _MD = "torch.distributed.checkpoint.metadata"
@@ -39,19 +53,70 @@ _ALLOWED = {(_MD, n) for n in ("Metadata", "TensorStorageMetadata", "TensorPrope
     ("pathlib", "PosixPath")}  # StorageMeta.checkpoint_id when saved with a Path
 
 
+class UnsafeCheckpoint(pickle.UnpicklingError):
+    """A checkpoint holds something that would run code (or build arbitrary objects) if
+    loaded; nothing of it was executed."""
+
+
 class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in _ALLOWED or (
                 module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
             return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"checkpoint metadata refers to {module}.{name}, which a "
-                                     "checkpoint never needs; refusing to load it")
+        raise UnsafeCheckpoint(f"checkpoint metadata refers to {module}.{name}, which a "
+                               "checkpoint never needs; refusing to load it")
+
+
+def safe_torch_load(data: Any, what: str) -> Any:
+    """``torch.load(weights_only=True)``; a refusal becomes ``UnsafeCheckpoint`` naming
+    ``what`` and the offending global (torch's advice to retry with ``weights_only=False``
+    is dropped: that retry is exactly what must not happen)."""
+    try:
+        return torch.load(data, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+        reason = next((x for x in lines if "GLOBAL" in x or "Unsupported" in x),
+                      lines[-1] if lines else "unpickling refused")
+        raise UnsafeCheckpoint(f"{what} is not plain data: {reason[:200]}; refusing to "
+                               "load it") from None
+
+
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """``DefaultLoadPlanner`` whose non-tensor values are read with ``weights_only=True``.
+
+    DCP hands every non-tensor entry (``BYTE_IO`` items: ``param_groups`` floats, tuples
+    and bools, step counters) to ``load_bytes``, which upstream reads with
+    ``torch.load(weights_only=False)``: a crafted data file could run code there even when
+    the metadata is clean."""
+
+    refused: UnsafeCheckpoint | None = None
+
+    def load_bytes(self, read_item: ReadItem, value: Any) -> None:
+        fqn = read_item.dest_index.fqn
+        try:
+            obj = safe_torch_load(value, f"checkpoint entry {fqn!r}")
+        except UnsafeCheckpoint as e:
+            self.refused = e  # DCP wraps what read_data raises; keep the reason
+            raise
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[fqn], obj)
+        else:
+            self.state_dict[fqn] = obj
 
 
 class SafeReader(FileSystemReader):
-    """``FileSystemReader`` whose metadata is unpickled against an allow-list."""
+    """``FileSystemReader`` whose metadata is unpickled against an allow-list, and which
+    only reads data for a ``SafeLoadPlanner``."""
 
     refused: pickle.UnpicklingError | None = None
+
+    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Any:
+        # Tensors are read with weights_only=True by FileSystemReader itself; the other
+        # values go through planner.load_bytes, which must be the safe one.
+        if not isinstance(planner, SafeLoadPlanner):
+            raise TypeError(f"SafeReader needs a SafeLoadPlanner, got {type(planner).__name__}"
+                            " (whose load_bytes may unpickle arbitrary objects)")
+        return super().read_data(plan, planner)
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         rank = kwargs.get("rank")
@@ -66,7 +131,7 @@ class SafeReader(FileSystemReader):
             self.refused = e
             raise
         if not isinstance(metadata, Metadata):
-            raise pickle.UnpicklingError("checkpoint metadata is not a DCP Metadata object")
+            raise UnsafeCheckpoint("checkpoint metadata is not a DCP Metadata object")
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id
@@ -136,6 +201,21 @@ def commit(run_dir: Path, step: int, keep: int = 2, marker: str | None = None) -
         shutil.rmtree(p, ignore_errors=True)
 
 
+def load_state(state: dict[str, Any], path: Path,
+               process_group: dist.ProcessGroup | None = None) -> None:
+    """``dcp.load`` of ``state`` (in place) from the DCP directory ``path``, with the safe
+    reader and planner. A refusal is raised as ``UnsafeCheckpoint`` on every rank that met
+    it (DCP raises a ``CheckpointException`` on the others, collectively, so none hangs)."""
+    reader, planner = SafeReader(path), SafeLoadPlanner()
+    try:
+        dcp.load(state, storage_reader=reader, planner=planner, process_group=process_group)
+    except (Exception, CheckpointException) as e:  # the latter is a BaseException
+        refused = reader.refused or planner.refused
+        if refused is not None:  # DCP wraps the refusal in a CheckpointException
+            raise refused from e
+        raise
+
+
 def load(run_dir: Path, model: nn.Module, optim: torch.optim.Optimizer,
          extra: dict[str, Any]) -> int | None:
     """Load the newest committed checkpoint in place; returns its step, or None if none.
@@ -147,13 +227,7 @@ def load(run_dir: Path, model: nn.Module, optim: torch.optim.Optimizer,
     if step is None:
         return None
     state = _app_state(model, optim, extra)
-    reader = SafeReader(_dir(run_dir) / f"step_{step:06d}")
-    try:
-        dcp.load(state, storage_reader=reader)
-    except (Exception, CheckpointException) as e:  # the latter is a BaseException
-        if reader.refused is not None:  # DCP wraps the refusal in a CheckpointException
-            raise reader.refused from e
-        raise
+    load_state(state, _dir(run_dir) / f"step_{step:06d}")
     set_state_dict(model, optim, model_state_dict=state["model"],
                    optim_state_dict=state["optim"])
     extra.update(state["extra"])
