@@ -53,6 +53,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
+from zentrain.chaos_analysis import CHAOS_RELEASE, ENV_CHAOS_HOLD
 from zentrain.ckpt import persistent
 from zentrain.ckpt.memory import MemoryCheckpointer, MemoryConfig
 from zentrain.config import Config
@@ -116,6 +117,9 @@ class CheckpointManager:
         self._costs: list[tuple[float, float]] = []
         self._hooked = False
         self._cpu_mark: float | None = None
+        self._done = 0  # steps done, as of the last restore() / after_step()
+        hold = env.get(ENV_CHAOS_HOLD, "")
+        self._hold_after = int(hold) if hold and d.rank == 0 else None
         self._write_pid()
 
     # -- restore -------------------------------------------------------------------------------
@@ -152,6 +156,7 @@ class CheckpointManager:
                 dist.barrier()
         if step is not None:
             tr.step = step
+        self._done = tr.step
         self.restored = {"rank": self.d.rank, "restart": self.restart, "step": tr.step,
                          "source": source,
                          "pid": os.getpid(), "t_proc_start": process_start_time(),
@@ -209,6 +214,7 @@ class CheckpointManager:
     @contextmanager
     def sync_window(self) -> Iterator[None]:
         """Wrap backward + gradient sync: in-memory checkpoint traffic waits meanwhile."""
+        self._maybe_hold()
         if self.mem is None or not self.ck.pause_in_sync:
             with nullcontext():
                 yield
@@ -216,10 +222,28 @@ class CheckpointManager:
         with self.mem.paused():
             yield
 
+    def _maybe_hold(self) -> None:
+        """``zentrain chaos`` (``ENV_CHAOS_HOLD``): once step K is done and written, hold the
+        next step until the controller has killed its victim. Only rank 0 holds (the others
+        wait for it in the gradient sync); after the release, or in a restarted process,
+        nothing waits. Outside the sync window, so checkpoint transfers go on meanwhile."""
+        if self._hold_after is None or self._done != self._hold_after:
+            return
+        self._hold_after = None
+        release = self.run_dir / CHAOS_RELEASE
+        deadline = time.monotonic() + 120
+        while not release.exists():
+            if time.monotonic() > deadline:
+                print(f"[zentrain ckpt] {ENV_CHAOS_HOLD}: no release after 120 s; going on",
+                      file=sys.stderr, flush=True)
+                return
+            time.sleep(0.002)
+
     def after_step(self, tr: Trainer) -> dict[str, Any]:
         """Call right after the optimizer step (``tr.step`` already counts it). Returns
         fields for the metrics row."""
         out: dict[str, Any] = {}
+        self._done = tr.step
         if self.mem is not None and tr.step % self.ck.memory_every == 0:
             defer = self._can_defer(tr)
             st = self.mem.save_async(tr.step, self._state(tr), defer=defer)
