@@ -141,12 +141,17 @@ class CheckpointManager:
                 self._load(tr, state)
                 src = self.mem.last_load_source
                 source = "memory" if src == self.node else f"memory-peer{src}"
+        sync_state = None
         if step is None and self.ck.resume:
-            source = "persistent"  # the trainer loaded it already
+            source = "persistent"  # the trainer loaded model, optimizer and data already
+            got_step = persistent.latest_step(self.run_dir)
+            if got_step is not None and got_step == tr.step:
+                sync_state = self._load_rank_state(tr, got_step)
         elif step is None and restarted:
             step = self._load_persistent(tr)
             if step is not None:
                 source = "persistent"
+                sync_state = self._load_rank_state(tr, step)
         if self.mem is not None and not source.startswith("memory") and restarted:
             # The agents may hold steps newer than what we resume from (all damaged, or
             # lost with a node): forget them so that timeline is never restored.
@@ -162,6 +167,8 @@ class CheckpointManager:
                          "pid": os.getpid(), "t_proc_start": process_start_time(),
                          "t_imported": _T_IMPORTED, "t_init": self.t_init,
                          "t_restore_start": t0, "t_restored": time.time()}
+        if sync_state is not None:
+            self.restored["sync_state"] = sync_state
         self._append("recovery.jsonl", self.restored)  # one short line per rank
         return step
 
@@ -180,7 +187,34 @@ class CheckpointManager:
             tr.data.load_state_dict(state["data"])
         sync = getattr(tr.dp, "grad_sync", None)
         if "sync" in state and hasattr(sync, "load_state_dict"):
-            sync.load_state_dict(state["sync"])
+            # Agents hand back CPU tensors; the compressor keeps what it is given.
+            sync.load_state_dict(persistent._to(state["sync"], self.d.device))
+
+    def _load_rank_state(self, tr: Trainer, step: int) -> str:
+        """The gradient sync's per-rank state (residuals, PowerSGD matrices, the
+        compressor's step) from the persistent checkpoint of ``step``; returns what
+        happened, for recovery.jsonl. At another world size it is dropped, with one line on
+        rank 0 when that loses compressor state: model, optimizer and data reshard, this
+        state cannot (each rank's residuals are its own unsent gradient)."""
+        sync = getattr(tr.dp, "grad_sync", None)
+        if not hasattr(sync, "load_state_dict"):
+            return "none"
+        compressed = hasattr(sync, "compressor")
+        ckpt = persistent._dir(self.run_dir) / f"step_{step:06d}"
+        why = None
+        try:
+            st = persistent.load_rank_state(ckpt, self.d.rank, self.d.world_size)
+        except ValueError as e:
+            st, why = None, str(e)
+        if st is None:
+            if compressed and self.d.rank == 0:
+                print("[zentrain ckpt] compressor state not restored: "
+                      f"{why or f'{ckpt} has none (written by an older zentrain)'}; "
+                      f"{sync.compressor.name} starts afresh (zero residuals, warmup_steps "
+                      "again)", file=sys.stderr, flush=True)
+            return "dropped" if why else "absent"
+        sync.load_state_dict(persistent._to(st, self.d.device))
+        return "loaded"
 
     def _load_persistent(self, tr: Trainer) -> int | None:
         step = persistent.latest_step(self.run_dir)
@@ -316,6 +350,11 @@ class CheckpointManager:
             root.mkdir(parents=True, exist_ok=True)
         if self.d.world_size > 1:
             dist.barrier(group=self._pg)
+        sync = getattr(tr.dp, "grad_sync", None)
+        if hasattr(sync, "state_dict"):
+            # Per-rank, so not in DCP (which keeps one copy of a key). Written before the
+            # DCP save starts: rank 0's commit, after every rank's DCP writes, covers it.
+            persistent.save_rank_state(tmp, self.d.rank, self.d.world_size, sync.state_dict())
         state = persistent._app_state(tr.model, tr.optim, self._extra(tr))
         if self.ck.async_persistent:
             self._pending = (dcp.async_save(state, checkpoint_id=str(tmp),

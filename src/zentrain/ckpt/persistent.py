@@ -165,9 +165,59 @@ def _app_state(model: nn.Module, optim: torch.optim.Optimizer, extra: dict[str, 
     return {"model": msd, "optim": osd, "extra": extra}
 
 
+def _rank_file(ckpt: Path, rank: int) -> Path:
+    return Path(ckpt) / f"rank{rank}.pt"
+
+
+def save_rank_state(ckpt: Path, rank: int, world_size: int, state: dict[str, Any]) -> None:
+    """Write this rank's ``state`` (plain containers, numbers, strings, tensors) next to
+    the DCP files of the checkpoint directory ``ckpt`` (normally ``step_N.tmp``, before the
+    DCP save starts, so the commit that follows DCP's covers it). Tensors go to the CPU:
+    the file must load on a machine without the device."""
+    ckpt = Path(ckpt)
+    ckpt.mkdir(parents=True, exist_ok=True)
+    tmp = ckpt / f".rank{rank}.pt.tmp"
+    torch.save({"rank": rank, "world_size": world_size, "state": _to(state, "cpu")}, tmp)
+    tmp.rename(_rank_file(ckpt, rank))  # present means complete
+
+
+def load_rank_state(ckpt: Path, rank: int, world_size: int) -> dict[str, Any] | None:
+    """This rank's state from ``save_rank_state`` (``weights_only=True``), or None when the
+    checkpoint has none (written without it). Raises ``ValueError`` (one line) when it was
+    written at another world size: per-rank state cannot be redistributed."""
+    ckpt = Path(ckpt)
+    files = sorted(ckpt.glob("rank*.pt"))
+    if not files:
+        return None
+    f = _rank_file(ckpt, rank)
+    blob = safe_torch_load(f if f.is_file() else files[0], f"per-rank state in {ckpt}")
+    if not isinstance(blob, dict) or not isinstance(blob.get("state"), dict):
+        raise UnsafeCheckpoint(f"{f} is not a zentrain per-rank state file")
+    saved = blob.get("world_size")
+    if saved != world_size or not f.is_file():
+        raise ValueError(f"per-rank state in {ckpt} was saved by {saved} ranks, this run has "
+                         f"{world_size}: it belongs to one rank and cannot be redistributed")
+    return blob["state"]
+
+
+def _to(obj: Any, device: torch.device | str) -> Any:
+    """``obj`` with every tensor moved to ``device`` (containers rebuilt, tuples kept)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to(device)
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_to(v, device) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_to(v, device) for v in obj)
+    return obj
+
+
 def save(run_dir: Path, step: int, model: nn.Module, optim: torch.optim.Optimizer,
-         extra: dict[str, Any], keep: int = 2) -> Path:
-    """Save (collectively) and commit; keeps the newest ``keep`` checkpoints."""
+         extra: dict[str, Any], keep: int = 2, rank_state: dict[str, Any] | None = None
+         ) -> Path:
+    """Save (collectively) and commit; keeps the newest ``keep`` checkpoints.
+    ``rank_state``: this rank's own state, see ``save_rank_state``."""
     root = _dir(run_dir)
     final = root / f"step_{step:06d}"
     tmp = root / f"step_{step:06d}.tmp"
@@ -176,6 +226,9 @@ def save(run_dir: Path, step: int, model: nn.Module, optim: torch.optim.Optimize
         shutil.rmtree(tmp, ignore_errors=True)
         root.mkdir(parents=True, exist_ok=True)
     _barrier()
+    if rank_state is not None:
+        save_rank_state(tmp, dist.get_rank() if dist.is_initialized() else 0,
+                        dist.get_world_size() if dist.is_initialized() else 1, rank_state)
     dcp.save(_app_state(model, optim, extra), checkpoint_id=str(tmp))
     _barrier()
     if rank0:
