@@ -430,3 +430,14 @@ def test_suggested_interval_and_config_errors():
         MemoryCheckpointer(MemoryConfig("j", ["127.0.0.1:9"], node=0), 2, 2)
     with pytest.raises(ValueError, match="node=2, nodes=2, 1 peers"):
         AgentConfig(node=2, nodes=2, peers=["127.0.0.1:9"])
+
+
+def test_agent_never_imports_torch():
+    """Every agent would pay 3+ s of CPU and ~300 MB for it (docs/recovery.md)."""
+    code = ("import sys, zentrain.ckpt.agent, zentrain.ckpt.launch; "
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=120, env=dict(os.environ, PYTHONPATH=str(
+                           Path(serialize.__file__).resolve().parents[2])))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]", r.stdout
