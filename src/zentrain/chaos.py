@@ -3,13 +3,16 @@
     zentrain chaos [CONFIG] --kill worker|node|agent [--at-step K] --trials T [--json OUT]
 
 Every trial runs the real ``zentrain run`` in a subprocess, waits until step K is done
-(random in ``[2, steps - 2]`` unless given; rank 0's ``metrics.jsonl`` rows carry wall-clock
-times), and SIGKILLs the victim:
+(random in ``[4, steps - 2]`` unless given; rank 0's ``metrics.jsonl`` rows carry wall-clock
+times), and SIGKILLs the victim. Rank 0 holds step K + 1 at the start of its backward until
+the kill is done (``ENV_CHAOS_HOLD``), so the kill lands right after step K however short
+the steps; a trial whose kill landed elsewhere anyway says so (``kill_late_by``, ``note``).
+The victims:
 
 * ``worker``: one worker (a random rank, or ``--rank``) — torch's elastic agent restarts
   the node's workers, which load the newest in-memory checkpoint from the local agent;
 * ``node``: one emulated node (``--nodes`` >= 2): its elastic agent, its workers and its
-  checkpoint agent at once; the launcher replaces the node (memory wiped) and every rank
+  checkpoint agent (if any: the disk-comparison run has none) at once; the launcher replaces the node (memory wiped) and every rank
   loads from the replicas (``checkpoint.replicas`` m = 2);
 * ``agent``: only a checkpoint agent; training must go on untouched, and the launcher
   restarts the agent.
@@ -35,7 +38,6 @@ until the restarted agent holds a complete checkpoint again.
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 import random
@@ -48,6 +50,9 @@ from pathlib import Path
 from typing import Any
 
 from zentrain.chaos_analysis import (
+    CHAOS_RELEASE,
+    ENV_CHAOS_HOLD,
+    JsonlTail,
     Run,
     agents_state,
     analyse,
@@ -55,6 +60,7 @@ from zentrain.chaos_analysis import (
     median_or_none,
     read_jsonl,
     summarize,
+    victim_pids,
     wall_step_times,
 )
 from zentrain.config import ConfigError, load_config
@@ -138,9 +144,15 @@ class Chaos:
         run_dir.parent.mkdir(parents=True, exist_ok=True)
         res = Run(run_dir)
         with open(self.dir / f"{name}.log", "w") as log:
+            env = dict(os.environ, CI="1")
+            if kill_at is not None:
+                # Rank 0 holds step kill_at + 1 until the kill is done (manager.py), so the
+                # kill lands right after step kill_at however short the steps are.
+                env[ENV_CHAOS_HOLD] = str(kill_at)
+                res.kill_at = kill_at
             proc = subprocess.Popen(self.command(run_dir, extra), stdout=log,
                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    env=dict(os.environ, CI="1"))
+                                    env=env)
             deadline = time.monotonic() + self.args.timeout
             try:
                 if kill_at is not None and victim is not None:
@@ -162,38 +174,25 @@ class Chaos:
 
     def _kill_when(self, res: Run, proc: subprocess.Popen, step: int,
                    victim: tuple[str, int], deadline: float) -> None:
-        metrics = res.run_dir / "metrics.jsonl"
+        tail = JsonlTail(res.run_dir / "metrics.jsonl")
         while proc.poll() is None and time.monotonic() < deadline:
-            rows = [r for r in read_jsonl(metrics) if "loss" in r]
-            if rows and rows[-1]["step"] >= step:
+            if any("loss" in r and r["step"] >= step for r in tail.new_rows()):
                 break
-            time.sleep(0.05)
+            time.sleep(0.005)
         else:
             return
         kind, index = victim
-        pids, what = self._victim_pids(res.run_dir, kind, index)
-        res.t_kill = time.time()
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        res.victim = what
-
-    def _victim_pids(self, run_dir: Path, kind: str, index: int) -> tuple[list[int], str]:
-        ranks = [json.loads(Path(f).read_text()) for f in glob.glob(str(run_dir / "pids" /
-                                                                        "rank*.json"))]
-        if kind == "worker":
-            r = next(r for r in ranks if r["rank"] == index)
-            return [r["pid"]], f"rank {index} (pid {r['pid']})"
-        agent = agents_state(run_dir)["agents"][index]
-        if kind == "agent":
-            return [agent["pid"]], f"checkpoint agent of node {index} (pid {agent['pid']})"
-        node = json.loads((run_dir / "nodes.json").read_text())["nodes"][index]
-        workers = [r["pid"] for r in ranks if r["node"] == index]
-        return [node["pid"], agent["pid"], *workers], \
-            f"node {index} (elastic agent {node['pid']}, checkpoint agent {agent['pid']}, " \
-            f"workers {workers})"
+        try:
+            pids, what = victim_pids(res.run_dir, kind, index)
+            res.t_kill = time.time()
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            res.victim = what
+        finally:
+            (res.run_dir / CHAOS_RELEASE).touch()  # rank 0 may go on (into the failure)
 
     def _check_protected(self, res: Run, node: int) -> None:
         """--kill agent: has the restarted agent stored every local rank's shard of some step

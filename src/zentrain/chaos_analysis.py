@@ -3,11 +3,19 @@ breakdown, bit-identity against the reference run, and the cost of per-step chec
 
 from __future__ import annotations
 
+import glob
 import json
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+ENV_CHAOS_HOLD = "ZENTRAIN_CHAOS_HOLD_AFTER"
+"""Set by ``zentrain chaos`` to step K in a kill run: rank 0 waits at the start of step
+K + 1's backward (``CheckpointManager.sync_window``) until ``RUN_DIR/CHAOS_RELEASE``
+exists, which the controller creates right after the SIGKILL. So the kill lands right
+after step K even when steps are shorter than the controller's reaction time."""
+CHAOS_RELEASE = "chaos-release"
 
 
 @dataclass
@@ -17,6 +25,7 @@ class Run:
     run_dir: Path
     rc: int | None = None
     t_kill: float | None = None
+    kill_at: int | None = None  # the step after which the kill was requested
     victim: str = ""
     protected_s: float | None = None  # --kill agent: kill → complete checkpoint again
     rows: list[dict[str, Any]] = field(default_factory=list)
@@ -56,6 +65,60 @@ def agents_state(run_dir: Path) -> dict[str, Any]:
     return json.loads((run_dir / "agents.json").read_text())
 
 
+class JsonlTail:
+    """New complete lines of a growing JSONL file, read incrementally (polled every few
+    ms, so re-reading the whole file each time would cost more than the steps)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.pos, self.buf = path, 0, b""
+
+    def new_rows(self) -> list[dict[str, Any]]:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.pos)
+                data = f.read()
+        except FileNotFoundError:
+            return []
+        self.pos += len(data)
+        *lines, self.buf = (self.buf + data).split(b"\n")
+        out = []
+        for line in lines:
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue
+        return out
+
+
+def victim_pids(run_dir: Path, kind: str, index: int) -> tuple[list[int], str]:
+    """The pids to SIGKILL for ``--kill kind`` of rank / node ``index``, and a description.
+
+    A node is its elastic agent (``nodes.json``), its workers (``pids/rank*.json`` name
+    their node) and its checkpoint agent when there is one: the disk-comparison run turns
+    in-memory checkpoints off, so it has no ``agents.json``."""
+    ranks = [json.loads(Path(f).read_text()) for f in glob.glob(str(run_dir / "pids" /
+                                                                    "rank*.json"))]
+    if kind == "worker":
+        r = next((r for r in ranks if r["rank"] == index), None)
+        if r is None:
+            raise RuntimeError(f"--kill worker: rank {index} wrote no pid file in "
+                               f"{run_dir}/pids (ranks found: {sorted(x['rank'] for x in ranks)})")
+        return [r["pid"]], f"rank {index} (pid {r['pid']})"
+    agents = agents_state(run_dir)["agents"] if (run_dir / "agents.json").is_file() else []
+    agent = next((a for a in agents if a["node"] == index and a.get("pid")), None)
+    if kind == "agent":
+        if agent is None:
+            raise RuntimeError(f"--kill agent: node {index} has no checkpoint agent "
+                               f"({run_dir}/agents.json)")
+        return [agent["pid"]], f"checkpoint agent of node {index} (pid {agent['pid']})"
+    node = json.loads((run_dir / "nodes.json").read_text())["nodes"][index]
+    workers = [r["pid"] for r in ranks if r["node"] == index]
+    what = f"node {index} (elastic agent {node['pid']}, "
+    what += f"checkpoint agent {agent['pid']}, " if agent else "no checkpoint agent, "
+    return [node["pid"], *([agent["pid"]] if agent else []), *workers], \
+        what + f"workers {workers})"
+
+
 # -- analysis -----------------------------------------------------------------------------------
 
 def wall_step_times(rows: list[dict[str, Any]], skip: int = 2) -> list[float]:
@@ -86,6 +149,10 @@ def analyse(res: Run, ref: Run) -> dict[str, Any]:
     before = [r for r in res.rows if r["time"] <= res.t_kill]
     last = max((r["step"] for r in before), default=0)
     out["last_done"] = last
+    if res.kill_at is not None and last != res.kill_at:
+        # The hold (ENV_CHAOS_HOLD) makes this rare; say so rather than mislabel the trial.
+        out["kill_late_by"] = last - res.kill_at
+        out["note"] = (f"kill requested after step {res.kill_at} landed after step {last}")
     after = [r for r in res.rows if r["time"] > res.t_kill and r["step"] > last]
     first_new = after[0] if after else None
     starts = [r for r in res.recovery if r.get("t_restored", 0) > res.t_kill]
@@ -99,6 +166,10 @@ def analyse(res: Run, ref: Run) -> dict[str, Any]:
     out.update(restored_step=start["step"], source=peer[0] if peer else start["source"],
                sources=sources, steps_lost=last - start["step"])
     out["recovery_s"] = first_new["time"] - res.t_kill if first_new else None
+    if first_new is None:
+        out["recovery_s_missing"] = (
+            f"no step after {last} completed after the kill (the run exited {res.rc} with "
+            f"{max((r['step'] for r in res.rows), default=0)} steps done)")
     out["breakdown"] = breakdown(res, start, first_new)
     return out
 

@@ -285,7 +285,10 @@ class _Supervisor:
         threads = max(1, (os.cpu_count() or 1) // (self.nodes * self.nproc))
         env = {"ZENTRAIN_RUN_DIR": str(self.run_dir), "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
                "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads)),
-               "PYTHONUNBUFFERED": "1", **(self.agents.env(i) if self.agents else {})}
+               "PYTHONUNBUFFERED": "1",
+               # The node index, also without agents: workers record it in pids/rank{R}.json,
+               # where `zentrain chaos --kill node` finds a node's workers.
+               "ZENTRAIN_CKPT_NODE": str(i), **(self.agents.env(i) if self.agents else {})}
         argv = [sys.executable, "-m", "zentrain.nodes", "node", "--node", str(i),
                 "--nodes", str(self.nodes), "--nproc", str(self.nproc),
                 "--endpoint", f"{self.hosts[self.nodes]}:{self.store_port}", "--job", self.job,

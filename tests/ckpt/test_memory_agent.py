@@ -214,6 +214,27 @@ def test_deferred_snapshot_is_the_state_at_save_time(cluster):
     ck.close()
 
 
+def test_staged_snapshot_is_handed_over_as_a_file(cluster):
+    """The path CUDA state takes (a staging buffer, then the agent's file in the
+    background, no TCP), run with CPU tensors: the snapshot is the state at save time,
+    the agent adopts a file, and the staging buffer is reused for the next step."""
+    hs = cluster(1, local_world=1)
+    (ck,) = clients(hs, 1)
+    plain = ck.save_async(1, state_for(0, 1))
+    assert ck.wait(60).ok and plain.handoff == "adopt"
+    ck._stage_cpu = True
+    for step in (2, 3):
+        state = state_for(0, step, n=1_000_000)
+        want = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in state.items()}
+        st = ck.save_async(step, state)
+        state["w"].add_(1.0)  # staged in save_async: later changes are not in the snapshot
+        assert ck.wait(60).ok, st.error
+        assert st.handoff == "adopt" and st.copy_s > 0
+        got_step, got = ck.load_latest()
+        assert got_step == step and same(got, want)
+    ck.close()
+
+
 def test_worker_killed_mid_transfer_never_commits_its_torn_step(cluster):
     hs = cluster(2, local_world=1)
     big = 4_000_000  # 16 MB at 4 MB/s: four seconds in which to kill it
@@ -430,3 +451,14 @@ def test_suggested_interval_and_config_errors():
         MemoryCheckpointer(MemoryConfig("j", ["127.0.0.1:9"], node=0), 2, 2)
     with pytest.raises(ValueError, match="node=2, nodes=2, 1 peers"):
         AgentConfig(node=2, nodes=2, peers=["127.0.0.1:9"])
+
+
+def test_agent_never_imports_torch():
+    """Every agent would pay 3+ s of CPU and ~300 MB for it (docs/recovery.md)."""
+    code = ("import sys, zentrain.ckpt.agent, zentrain.ckpt.launch; "
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=120, env=dict(os.environ, PYTHONPATH=str(
+                           Path(serialize.__file__).resolve().parents[2])))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]", r.stdout

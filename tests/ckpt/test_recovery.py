@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from zentrain.chaos_analysis import Run, analyse, wall_step_times
+from zentrain.chaos_analysis import Run, analyse, victim_pids, wall_step_times
 from zentrain.ckpt import persistent
 
 # A tiny GPT (1 layer, d=32, 300-token BPE on 300 kB of text): steps take tens of ms, so a
@@ -30,11 +30,11 @@ def cache(tmp_path_factory):
     return tmp_path_factory.mktemp("cache")
 
 
-def chaos(tmp_path, cache, *args, timeout=600):
+def chaos(tmp_path, cache, *args, timeout=600, disk=False):
     out = tmp_path / "chaos.json"
     cmd = [sys.executable, "-m", "zentrain.cli", "chaos", *TINY, "--set",
            f"data.cache_dir={cache}", "--chaos-dir", str(tmp_path / "runs"), "--json", str(out),
-           "--no-disk", "--cost-pairs", "0", *args]
+           *([] if disk else ["--no-disk"]), "--cost-pairs", "0", *args]
     r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=timeout,
                        env=dict(os.environ, CI="1"))
     logs = "\n".join(f"== {p}\n" + Path(p).read_text()[-3000:]
@@ -63,6 +63,8 @@ def test_worker_kill_resumes_bit_identical(tmp_path, cache):
     (t,) = out["trials"]
     assert t["rc"] == 0, logs
     assert t["bit_identical"], (t, logs)
+    # Steps take tens of ms here: without rank 0's hold the kill landed steps late.
+    assert t["last_done"] == 4 and "kill_late_by" not in t, t
     assert t["steps_lost"] is not None and 0 <= t["steps_lost"] <= 1, t
     assert t["source"] == "memory" and t["restored_step"] >= 3, t
     assert t["recovery_s"] > 0 and set(t["breakdown"]) >= {"detect", "rendezvous", "load"}
@@ -76,15 +78,19 @@ def test_worker_kill_resumes_bit_identical(tmp_path, cache):
 def test_node_kill_recovers_from_peer_replica(tmp_path, cache):
     """2 emulated nodes x 1 worker on loopback, m = 2: node 1 (its elastic agent, worker and
     checkpoint agent) is SIGKILLed; the replacement node's rank loads node 1's checkpoint
-    from the replica on node 0, and the run ends bit-identical."""
+    from the replica on node 0, and the run ends bit-identical. The disk comparison (no
+    checkpoint agents, so no agents.json) kills the same node and restores from DCP."""
     out, r, logs = chaos(tmp_path, cache, "--kill", "node", "--node", "1", "--nodes", "2",
                          "--nproc-per-node", "1", "--loopback", "--steps", "8", "--at-step",
-                         "4", "--trials", "1")
+                         "4", "--trials", "1", disk=True)
     (t,) = out["trials"]
     assert t["rc"] == 0, logs
     assert t["bit_identical"], (t, logs)
+    assert t["last_done"] == 4 and "kill_late_by" not in t, t
     assert 0 <= t["steps_lost"] <= 1, t
     assert t["sources"] == {"0": "memory", "1": "memory-peer0"}, t
+    assert t["bit_identical_disk"] and t["source_disk"] == "persistent", (t, logs)
+    assert t["steps_lost_disk_measured"] in (1, 2) and t["recovery_s_disk"] > 0, t
     for name in ("ref", "t0-memory"):
         assert_cleaned_up(tmp_path / "runs" / name)
 
@@ -190,3 +196,40 @@ def test_wall_step_times_skip_warmup_and_restart_gaps():
     rows = _rows([(1, 0), (2, 1), (3, 2), (4, 3), (5, 4), (3, 100), (4, 101), (5, 102),
                   (6, 103), (7, 104)])
     assert wall_step_times(rows, skip=2) == [1, 1, 1, 1]
+
+
+def test_node_victims_without_checkpoint_agents(tmp_path):
+    """The disk-comparison run has no agents.json: a node is its elastic agent and the
+    workers whose pid files name it (this raised FileNotFoundError before)."""
+    (tmp_path / "pids").mkdir()
+    (tmp_path / "nodes.json").write_text(json.dumps(
+        {"job": "j", "nodes": [{"node": 0, "pid": 100}, {"node": 1, "pid": 101}]}))
+    for rank, node, pid in [(0, 0, 200), (1, 0, 201), (2, 1, 202), (3, 1, 203)]:
+        (tmp_path / "pids" / f"rank{rank}.json").write_text(
+            json.dumps({"rank": rank, "pid": pid, "node": node}))
+    pids, what = victim_pids(tmp_path, "node", 1)
+    assert sorted(pids) == [101, 202, 203] and "no checkpoint agent" in what
+    with pytest.raises(RuntimeError, match="node 1 has no checkpoint agent"):
+        victim_pids(tmp_path, "agent", 1)
+    (tmp_path / "agents.json").write_text(json.dumps(
+        {"job": "j", "agents": [{"node": 0, "pid": 300}, {"node": 1, "pid": 301}]}))
+    pids, what = victim_pids(tmp_path, "node", 1)
+    assert sorted(pids) == [101, 202, 203, 301] and "checkpoint agent 301" in what
+    assert victim_pids(tmp_path, "worker", 2)[0] == [202]
+    with pytest.raises(RuntimeError, match="rank 9 wrote no pid file"):
+        victim_pids(tmp_path, "worker", 9)
+
+
+def test_a_late_kill_and_a_missing_recovery_are_explicit(tmp_path):
+    ref = Run(tmp_path / "ref", rc=0, rows=_rows([(s, s) for s in range(1, 9)]),
+              summary={"param_digest": "abc"})
+    rows = _rows([(s, s) for s in range(1, 7)])  # killed at 6.5; nothing ran after
+    rec = [{"rank": 0, "restart": 1, "step": 5, "source": "memory", "t_proc_start": 8,
+            "t_imported": 8, "t_init": 9, "t_restore_start": 9, "t_restored": 10}]
+    res = Run(tmp_path / "x", rc=1, t_kill=6.5, kill_at=4, rows=rows, recovery=rec)
+    t = analyse(res, ref)
+    assert t["last_done"] == 6 and t["kill_late_by"] == 2
+    assert t["note"] == "kill requested after step 4 landed after step 6"
+    assert t["recovery_s"] is None and "no step after 6 completed" in t["recovery_s_missing"]
+    res.kill_at, res.t_kill = 6, 6.5
+    assert "kill_late_by" not in analyse(res, ref)

@@ -2,7 +2,7 @@
 
 An agent must outlive the workers whose checkpoints it holds, so it runs in its own process
 (``python -m zentrain.ckpt.agent``, or ``start_agent`` here), started through a stub that
-skips ``zentrain/__init__`` (torch), and told to exit with whoever started it.
+loads the launcher's own copy of the package, and told to exit with whoever started it.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from typing import Any
 from zentrain.ckpt.agent import AgentConfig
 from zentrain.ckpt.wire import ProtocolError, request
 
-# ``zentrain/__init__`` imports torch (3+ s of CPU and ~300 MB per process); the agent
-# handles only bytes, so launchers start it through this stub that registers the package
-# without running its __init__.
+# The agent handles only bytes and never imports torch (3+ s of CPU and ~300 MB per
+# process; ``zentrain/__init__`` is lazy). The stub registers the package at this file's
+# location, so the agent runs the launcher's copy of the code whatever sys.path says.
 _BOOT = ("import sys, types; p = types.ModuleType('zentrain'); p.__path__ = [sys.argv.pop(1)]; "
          "sys.modules['zentrain'] = p; from zentrain.ckpt.agent import main; sys.exit(main())")
 

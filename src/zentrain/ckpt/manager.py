@@ -27,8 +27,9 @@ worker never mistakes an older run's checkpoint in the same directory for its ow
 **Restore order** (GEMINI §3): the newest step committed on every rank from this node's
 agent, else a peer's replica, else the persistent checkpoint (after a restart, or with
 ``--resume``), else step 0. Falling back past the agents resets them, so the abandoned,
-newer timeline can never be restored later. Every path loads without pickle: agents'
-checkpoints are JSON + raw bytes (``serialize``), DCP loads tensors in place.
+newer timeline can never be restored later. No path unpickles arbitrary objects: agents'
+checkpoints are JSON + raw bytes (``serialize``); DCP checkpoints load through
+``persistent.load_state`` (allow-listed metadata, ``weights_only=True`` for every value).
 
 Timestamps for recovery analysis go to ``RUN_DIR/recovery.jsonl`` (a row per rank and
 start: where it restored from, when the process started, was built, had loaded) and each worker writes ``RUN_DIR/pids/rank{R}.json`` (pid, node, restart count),
@@ -52,6 +53,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
+from zentrain.chaos_analysis import CHAOS_RELEASE, ENV_CHAOS_HOLD
 from zentrain.ckpt import persistent
 from zentrain.ckpt.memory import MemoryCheckpointer, MemoryConfig
 from zentrain.config import Config
@@ -115,6 +117,9 @@ class CheckpointManager:
         self._costs: list[tuple[float, float]] = []
         self._hooked = False
         self._cpu_mark: float | None = None
+        self._done = 0  # steps done, as of the last restore() / after_step()
+        hold = env.get(ENV_CHAOS_HOLD, "")
+        self._hold_after = int(hold) if hold and d.rank == 0 else None
         self._write_pid()
 
     # -- restore -------------------------------------------------------------------------------
@@ -136,12 +141,17 @@ class CheckpointManager:
                 self._load(tr, state)
                 src = self.mem.last_load_source
                 source = "memory" if src == self.node else f"memory-peer{src}"
+        sync_state = None
         if step is None and self.ck.resume:
-            source = "persistent"  # the trainer loaded it already
+            source = "persistent"  # the trainer loaded model, optimizer and data already
+            got_step = persistent.latest_step(self.run_dir)
+            if got_step is not None and got_step == tr.step:
+                sync_state = self._load_rank_state(tr, got_step)
         elif step is None and restarted:
             step = self._load_persistent(tr)
             if step is not None:
                 source = "persistent"
+                sync_state = self._load_rank_state(tr, step)
         if self.mem is not None and not source.startswith("memory") and restarted:
             # The agents may hold steps newer than what we resume from (all damaged, or
             # lost with a node): forget them so that timeline is never restored.
@@ -151,11 +161,14 @@ class CheckpointManager:
                 dist.barrier()
         if step is not None:
             tr.step = step
+        self._done = tr.step
         self.restored = {"rank": self.d.rank, "restart": self.restart, "step": tr.step,
                          "source": source,
                          "pid": os.getpid(), "t_proc_start": process_start_time(),
                          "t_imported": _T_IMPORTED, "t_init": self.t_init,
                          "t_restore_start": t0, "t_restored": time.time()}
+        if sync_state is not None:
+            self.restored["sync_state"] = sync_state
         self._append("recovery.jsonl", self.restored)  # one short line per rank
         return step
 
@@ -174,7 +187,34 @@ class CheckpointManager:
             tr.data.load_state_dict(state["data"])
         sync = getattr(tr.dp, "grad_sync", None)
         if "sync" in state and hasattr(sync, "load_state_dict"):
-            sync.load_state_dict(state["sync"])
+            # Agents hand back CPU tensors; the compressor keeps what it is given.
+            sync.load_state_dict(persistent._to(state["sync"], self.d.device))
+
+    def _load_rank_state(self, tr: Trainer, step: int) -> str:
+        """The gradient sync's per-rank state (residuals, PowerSGD matrices, the
+        compressor's step) from the persistent checkpoint of ``step``; returns what
+        happened, for recovery.jsonl. At another world size it is dropped, with one line on
+        rank 0 when that loses compressor state: model, optimizer and data reshard, this
+        state cannot (each rank's residuals are its own unsent gradient)."""
+        sync = getattr(tr.dp, "grad_sync", None)
+        if not hasattr(sync, "load_state_dict"):
+            return "none"
+        compressed = hasattr(sync, "compressor")
+        ckpt = persistent._dir(self.run_dir) / f"step_{step:06d}"
+        why = None
+        try:
+            st = persistent.load_rank_state(ckpt, self.d.rank, self.d.world_size)
+        except ValueError as e:
+            st, why = None, str(e)
+        if st is None:
+            if compressed and self.d.rank == 0:
+                print("[zentrain ckpt] compressor state not restored: "
+                      f"{why or f'{ckpt} has none (written by an older zentrain)'}; "
+                      f"{sync.compressor.name} starts afresh (zero residuals, warmup_steps "
+                      "again)", file=sys.stderr, flush=True)
+            return "dropped" if why else "absent"
+        sync.load_state_dict(persistent._to(st, self.d.device))
+        return "loaded"
 
     def _load_persistent(self, tr: Trainer) -> int | None:
         step = persistent.latest_step(self.run_dir)
@@ -208,6 +248,7 @@ class CheckpointManager:
     @contextmanager
     def sync_window(self) -> Iterator[None]:
         """Wrap backward + gradient sync: in-memory checkpoint traffic waits meanwhile."""
+        self._maybe_hold()
         if self.mem is None or not self.ck.pause_in_sync:
             with nullcontext():
                 yield
@@ -215,10 +256,28 @@ class CheckpointManager:
         with self.mem.paused():
             yield
 
+    def _maybe_hold(self) -> None:
+        """``zentrain chaos`` (``ENV_CHAOS_HOLD``): once step K is done and written, hold the
+        next step until the controller has killed its victim. Only rank 0 holds (the others
+        wait for it in the gradient sync); after the release, or in a restarted process,
+        nothing waits. Outside the sync window, so checkpoint transfers go on meanwhile."""
+        if self._hold_after is None or self._done != self._hold_after:
+            return
+        self._hold_after = None
+        release = self.run_dir / CHAOS_RELEASE
+        deadline = time.monotonic() + 120
+        while not release.exists():
+            if time.monotonic() > deadline:
+                print(f"[zentrain ckpt] {ENV_CHAOS_HOLD}: no release after 120 s; going on",
+                      file=sys.stderr, flush=True)
+                return
+            time.sleep(0.002)
+
     def after_step(self, tr: Trainer) -> dict[str, Any]:
         """Call right after the optimizer step (``tr.step`` already counts it). Returns
         fields for the metrics row."""
         out: dict[str, Any] = {}
+        self._done = tr.step
         if self.mem is not None and tr.step % self.ck.memory_every == 0:
             defer = self._can_defer(tr)
             st = self.mem.save_async(tr.step, self._state(tr), defer=defer)
@@ -291,6 +350,11 @@ class CheckpointManager:
             root.mkdir(parents=True, exist_ok=True)
         if self.d.world_size > 1:
             dist.barrier(group=self._pg)
+        sync = getattr(tr.dp, "grad_sync", None)
+        if hasattr(sync, "state_dict"):
+            # Per-rank, so not in DCP (which keeps one copy of a key). Written before the
+            # DCP save starts: rank 0's commit, after every rank's DCP writes, covers it.
+            persistent.save_rank_state(tmp, self.d.rank, self.d.world_size, sync.state_dict())
         state = persistent._app_state(tr.model, tr.optim, self._extra(tr))
         if self.ck.async_persistent:
             self._pending = (dcp.async_save(state, checkpoint_id=str(tmp),

@@ -1,14 +1,15 @@
 """Worker side of in-memory checkpointing: snapshot in the step, ship in the background.
 
-``save_async(step, state)`` does the one thing that must happen in the training thread —
-copy every tensor into a buffer (pinned, asynchronous copies on a GPU), so training may
-change them again — and hands the bytes to a background thread (CheckFreq's
-snapshot/persist split; GEMINI §5 for chunking). On a CPU the buffer is a file in the local
-agent's tmpfs directory, mapped shared (usually a shard the agent dropped, pages already
-allocated): the background thread computes the per-chunk CRCs and tells the agent to adopt
-the file, so the snapshot copy is the only copy of the bytes on this node. Otherwise (a GPU
-staging buffer, or an agent not visible here) it streams the chunks to the agent over TCP,
-under ``send_bytes_per_s``. Either way the background thread waits between chunks while
+``save_async(step, state)`` does the one thing that must happen before training changes
+the tensors again — copy them into a buffer — and hands the bytes to a background thread
+(CheckFreq's snapshot/persist split; GEMINI §5 for chunking). For CPU state the buffer is
+a file in the local agent's tmpfs directory, mapped shared (usually a shard the agent
+dropped, pages already allocated): the background thread computes the per-chunk CRCs and
+tells the agent to adopt the file, so the snapshot copy is the only copy of the bytes on
+this node. CUDA state is copied on a side stream into a pinned staging buffer (the
+training stream waits for those copies on the GPU, the training thread not at all), and
+the background thread copies it into such a file. With no local agent directory, it
+streams the chunks to the agent over TCP, under ``send_bytes_per_s``. Either way the background thread waits between chunks while
 the training thread is inside ``paused()`` (wrap the gradient-sync window in it), which
 also holds the agent's replica relays. At most one save is in flight: a second
 ``save_async`` first waits for the previous one, and that wait is reported as
@@ -51,6 +52,11 @@ from zentrain.ckpt.wire import (
     request,
     send_msg,
 )
+
+
+def event_device(flat: serialize.Flat) -> torch.device:
+    """The CUDA device of a snapshot's tensors (one per rank)."""
+    return next(t.device for t in flat.tensors if t.is_cuda)
 
 
 @dataclass
@@ -99,6 +105,9 @@ class SaveStats:
     background_s: float = 0.0
     """Background thread: CRCs and transfer, pauses included."""
     paused_s: float = 0.0
+    handoff: str = ""
+    """How the bytes reached the local agent: ``adopt`` (a file in its directory) or
+    ``stream`` (TCP)."""
     ok: bool = False
     error: str | None = None
 
@@ -136,6 +145,12 @@ class MemoryCheckpointer:
         self._window: mmap.mmap | None = None
         self._fill: tuple[str, mmap.mmap] | None = None
         self._nfill = 0
+        self._stream: Any = None     # CUDA side stream of the device-to-host copies
+        self._gpu_copy: Any = None   # (event, device) until the training stream waits on it
+        # Route CPU state through the staging buffer as CUDA state always goes (pinned
+        # buffer, then the agent's file in the background); lets the CPU tests cover that
+        # host-side path.
+        self._stage_cpu = False
         if cfg.local:
             self._open_local()
         self._thread = threading.Thread(target=self._loop, daemon=True,
@@ -163,25 +178,37 @@ class MemoryCheckpointer:
         Call it after the optimizer step, before the next forward: the transfer then
         overlaps forward/backward. Returns the (still filling) stats of this save.
 
-        With ``defer`` (CPU tensors only) even the copy happens in the background, while
-        the next forward and backward run (CheckFreq: a snapshot only has to be complete
-        before the next update). The caller promises not to modify any tensor in ``state``
-        before ``wait_snapshot()`` returns — call it before the optimizer step (the
-        trainer's checkpoint manager does so from an optimizer pre-hook).
+        With ``defer`` even the copy happens in the background, while the next forward
+        and backward run (CheckFreq: a snapshot only has to be complete before the next
+        update): in the background thread for CPU state, on a side stream for CUDA state.
+        The caller promises not to modify any tensor in ``state`` before
+        ``wait_snapshot()`` returns — call it before the optimizer step (the trainer's
+        checkpoint manager does so from an optimizer pre-hook).
         """
         t0 = time.perf_counter()
         self.wait()
         t1 = time.perf_counter()
         flat = serialize.flatten(state)
         cuda = any(t.is_cuda for t in flat.tensors)
-        defer = defer and not cuda
-        if not defer:  # deferred: the background thread maps its buffer (MAP_POPULATE costs)
-            self._take_buffer(flat, cuda)
-            serialize.pack_into(flat, self._buf, non_blocking=cuda)
+        staged = cuda or self._stage_cpu
         event = None
-        if cuda:  # later kernels on this stream run after the copies: no sync needed here
-            event = torch.cuda.Event()
-            event.record()
+        if staged:
+            # Into a private (pinned, for CUDA) buffer; the background thread moves it into
+            # the agent's file. CUDA copies run on a side stream: the training thread only
+            # queues them, and the training stream waits for them on the GPU, not here.
+            self._take_buffer(flat, staged=True)
+            if cuda:
+                event = self._copy_on_side_stream(flat)
+                if defer:  # nothing changes before the next update: wait there
+                    self._gpu_copy = (event, event_device(flat))
+                else:      # forward may change buffers (BatchNorm): wait before it
+                    torch.cuda.current_stream(event_device(flat)).wait_event(event)
+            else:
+                serialize.pack_into(flat, self._buf)
+            defer = False
+        elif not defer:  # deferred: the background thread maps its buffer (MAP_POPULATE)
+            self._take_buffer(flat, staged=False)
+            serialize.pack_into(flat, self._buf)
         st = SaveStats(step, flat.nbytes, blocked_s=t1 - t0,
                        snapshot_s=time.perf_counter() - t1)
         if not defer:
@@ -190,13 +217,37 @@ class MemoryCheckpointer:
             self._copied.clear()
         self._current = st
         with self._cv:
-            self._job, self._busy = (flat, event, st, defer), True
+            self._job, self._busy = (flat, event, st, defer, staged), True
             self._cv.notify_all()
         return st
 
+    def _copy_on_side_stream(self, flat: serialize.Flat) -> Any:
+        """Queue the device-to-host copies of ``flat`` into the pinned ``self._buf`` on a
+        side CUDA stream, after everything already queued on the training stream (the
+        update that produced the state); returns the event marking their end. Untested
+        here (no GPU in CI): written for one CUDA device per rank."""
+        dev = event_device(flat)
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(device=dev)
+        ready = torch.cuda.Event()
+        ready.record(torch.cuda.current_stream(dev))
+        self._stream.wait_event(ready)
+        with torch.cuda.stream(self._stream):
+            serialize.pack_into(flat, self._buf, non_blocking=True)
+            for t in flat.tensors:
+                if t.is_cuda:  # the allocator must not reuse them before the copy ran
+                    t.record_stream(self._stream)
+            done = torch.cuda.Event()
+            done.record(self._stream)
+        return done
+
     def wait_snapshot(self) -> float:
         """Block until a deferred snapshot copy is done (the state may change after);
-        returns the seconds waited."""
+        returns the seconds waited. For CUDA state the training stream is made to wait for
+        the side stream's copies instead: the GPU orders them, the CPU does not block."""
+        if self._gpu_copy is not None:
+            (event, device), self._gpu_copy = self._gpu_copy, None
+            torch.cuda.current_stream(device).wait_event(event)
         if self._copied.is_set():
             return 0.0
         t0 = time.perf_counter()
@@ -239,10 +290,13 @@ class MemoryCheckpointer:
                 w[i] = 0
             self._clear.set()
 
-    def _take_buffer(self, flat: serialize.Flat, cuda: bool) -> None:
+    def _take_buffer(self, flat: serialize.Flat, staged: bool) -> None:
         """Point ``self._buf`` at where this snapshot goes: a file the local agent adopts
-        (no second copy), else a buffer kept while the state's layout stays the same."""
-        fill = self._claim_fill(flat.nbytes) if self._dir is not None and not cuda else None
+        (no second copy), else (``staged``, or no local agent) a buffer kept while the
+        state's layout stays the same, pinned for CUDA state. A DMA into the agent's
+        shared file would need it page-locked (``cudaHostRegister`` on tmpfs pages), which
+        is not portable; the staging buffer costs one host copy in the background."""
+        fill = self._claim_fill(flat.nbytes) if self._dir is not None and not staged else None
         self._fill = fill
         if fill is not None:
             self._buf = None
@@ -251,7 +305,8 @@ class MemoryCheckpointer:
             self._sig = None
         elif flat.signature != self._sig or self._buf is None:
             self._buf = None  # free the old buffer first
-            self._buf = serialize.new_buffer(flat.nbytes, pin=cuda)
+            pin = any(t.is_cuda for t in flat.tensors)
+            self._buf = serialize.new_buffer(flat.nbytes, pin=pin)
             self._sig = flat.signature
 
     def _claim_fill(self, nbytes: int) -> tuple[str, mmap.mmap] | None:
@@ -293,12 +348,12 @@ class MemoryCheckpointer:
                 self._cv.wait_for(lambda: self._job is not None or self._closed)
                 if self._job is None:
                     return
-                (flat, event, st, defer), self._job = self._job, None
+                (flat, event, st, defer, staged), self._job = self._job, None
             t0, c0 = time.perf_counter(), time.thread_time()
             try:
                 if defer:
                     try:
-                        self._take_buffer(flat, cuda=False)
+                        self._take_buffer(flat, staged=False)
                         assert self._buf is not None
                         serialize.pack_into(flat, self._buf)
                         st.copy_s = time.perf_counter() - t0
@@ -308,9 +363,13 @@ class MemoryCheckpointer:
                         self._copied.set()
                 if event is not None:
                     event.synchronize()
+                if staged and self._dir is not None:
+                    self._fill = self._fill_from_staging(flat, st)
                 if self._fill is not None:
+                    st.handoff = "adopt"
                     self._adopt(flat, st, *self._fill)
                 else:
+                    st.handoff = "stream"
                     self._send(flat, st)
                 st.ok = True
             except Exception as e:  # noqa: BLE001 - reported; training must go on
@@ -322,6 +381,20 @@ class MemoryCheckpointer:
                 self.history.append(st)
                 self._busy = False
                 self._cv.notify_all()
+
+    def _fill_from_staging(self, flat: serialize.Flat, st: SaveStats
+                           ) -> tuple[str, mmap.mmap] | None:
+        """Background thread: copy the staged snapshot into a file the local agent will
+        adopt (None: no file could be made; stream it instead)."""
+        fill = self._claim_fill(flat.nbytes)
+        if fill is None or not flat.nbytes:
+            return fill
+        t0, c0 = time.perf_counter(), time.thread_time()
+        assert self._buf is not None
+        torch.frombuffer(fill[1], dtype=torch.uint8)[:flat.nbytes].copy_(self._buf)
+        st.copy_s += time.perf_counter() - t0
+        st.copy_cpu_s += time.thread_time() - c0
+        return fill
 
     def _send(self, flat: serialize.Flat, st: SaveStats) -> None:
         assert self._buf is not None
