@@ -254,6 +254,7 @@ class Trainer:
                 row = {"step": self.step, "loss": mean_loss, "lr": lr_at(cfg, self.step - 1),
                        "step_time_s": step_time,
                        **{f"{k}_s": v for k, v in out["times"].items()},
+                       "stats_s": out["stats_s"],
                        f"{self.data.unit}_per_s": items / step_time,
                        "sync_bytes_sent": s.bytes_sent, "sync_bytes_recv": s.bytes_recv,
                        "sync_bytes_sent_max": int(max_sent), "sync_bytes_recv_max": int(max_recv),
