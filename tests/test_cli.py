@@ -76,9 +76,17 @@ def test_resume_continues_the_loss_curve(tmp_path, cache):
                      "--resume", cwd=tmp_path, cache=cache)
     assert again.returncode == 0, again.stderr
     want = [x["loss"] for x in rows(tmp_path / "full") if "loss" in x]
-    got = [x["loss"] for x in rows(tmp_path / "part") if "loss" in x]
-    assert [x["step"] for x in rows(tmp_path / "part") if "loss" in x] == [1, 2, 3, 4, 5, 6]
+    steps = [x for x in rows(tmp_path / "part") if "loss" in x]
+    got = [x["loss"] for x in steps]
+    assert [x["step"] for x in steps] == [1, 2, 3, 4, 5, 6]
     assert got == want  # bit-identical continuation (CPU, same thread counts)
+    # The summary covers the whole run (steps 3-6 after the two warm-up steps), not only
+    # the steps of the resumed launch.
+    summary = json.loads((tmp_path / "part" / "summary.json").read_text())
+    assert summary["steps"] == 6 and summary["steps_measured"] == 4
+    mean = sum(x["step_time_s"] for x in steps[2:]) / 4
+    assert summary["step_time_s"] == pytest.approx(mean, rel=1e-9)
+    assert summary["final_train_loss"] == got[-1]
 
 
 @pytest.mark.parametrize("args,match", [
@@ -120,10 +128,51 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, cache):
     r = zentrain("run", *SMALL_GPT, "--set", "train.steps=2", "--run-dir", "out", cwd=tmp_path,
                  cache=cache)
     assert r.returncode == 0, r.stderr
-    ckpts = sorted(p.name for p in (tmp_path / "out" / "checkpoints").iterdir())
+    root = tmp_path / "out" / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_000002"]
+    # lr 1e38: step 3 (the first after the resume) has a finite loss but leaves huge weights,
+    # so step 4's loss is NaN while step 3's async save (checkpoint.every=1) is in flight.
     r = zentrain("run", *SMALL_GPT, "--set", "train.steps=6", "--set", "train.lr=1e38",
                  "--set", "train.grad_clip=0", "--set", "train.warmup_steps=0",
-                 "--run-dir", "out", "--resume", cwd=tmp_path, cache=cache)
-    assert r.returncode != 0
-    assert "non-finite loss" in r.stderr, r.stderr
-    assert sorted(p.name for p in (tmp_path / "out" / "checkpoints").iterdir()) == ckpts
+                 "--set", "checkpoint.every=1", "--run-dir", "out", "--resume",
+                 cwd=tmp_path, cache=cache)
+    assert r.returncode == 3, r.stderr
+    errors = [x for x in r.stderr.splitlines() if x.startswith("zentrain: error:")]
+    assert len(errors) == 1 and "non-finite loss nan at step 4" in errors[0], r.stderr
+    assert "continues from step 3" in errors[0], r.stderr
+    # Exit code 3 stops the job at once: no restart rounds (which would log these).
+    assert "not restarting" not in r.stderr and "exitcode" not in r.stderr, r.stderr
+    # The save in flight was committed (not left as step_000003.tmp), step 2 kept too.
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_000002", "step_000003"]
+    assert (root / "latest").read_text().strip() == "3"
+    assert [x["step"] for x in rows(tmp_path / "out") if "loss" in x] == [1, 2, 3]
+
+
+def test_sparse_embedding_on_one_rank(tmp_path, cache):
+    """Sparse COO gradients (not synced on one rank) reach the optimizer as dense ones."""
+    r = zentrain("run", *SMALL_GPT, "--nproc", "1", "--set", "model.sparse_embedding=true",
+                 "--set", "train.steps=2", "--set", "checkpoint.max_restarts=0",
+                 "--run-dir", "out", cwd=tmp_path, cache=cache)
+    assert r.returncode == 0, r.stderr
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["world_size"] == 1 and summary["steps"] == 2
+
+
+def test_in_place_under_torchrun_with_ddp_sparse(tmp_path, cache):
+    """The documented multi-node entry point, on one node: plain torchrun runs the trainer
+    in place (no zentrain launcher). ``ddp`` leaves sparse embedding gradients sparse
+    (gloo's sparse all-reduce), which the optimizer must still take."""
+    env = dict(os.environ, CI="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           "--nproc-per-node", "2", "-m", "zentrain.train", str(ROOT / "configs" / "debug.toml"),
+           *SMALL_GPT, "--set", "train.steps=3", "--set", f"data.cache_dir={cache}",
+           "--set", "sync.scheme=ddp", "--set", "model.sparse_embedding=true",
+           "--run-dir", "out"]
+    r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout + r.stderr
+    run = tmp_path / "out"
+    assert [x["step"] for x in rows(run) if "loss" in x] == [1, 2, 3]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["sync"] == "ddp" and summary["steps"] == 3
+    assert summary["ranks_agree"] is True  # bit-identical parameters on both ranks
+    assert sorted(p.name for p in (run / "pids").iterdir()) == ["rank0.json", "rank1.json"]

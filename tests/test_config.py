@@ -57,3 +57,65 @@ def test_missing_and_invalid_file(tmp_path):
     f.write_text("[model\n")
     with pytest.raises(ConfigError, match="invalid TOML"):
         load_config(f)
+
+
+# Each value is just outside the field's range (the audit's list plus the rest of the tree).
+@pytest.mark.parametrize("override,match", [
+    ("metrics.log_every=0", r"metrics\.log_every must be >= 1 \(got 0\)"),
+    ("model.dropout=1.5", r"model\.dropout must be in \[0, 1\) \(got 1\.5\)"),
+    ("model.n_layer=0", r"model\.n_layer must be >= 1 \(got 0\)"),
+    ("model.seq_len=0", r"model\.seq_len must be >= 1"),
+    ("model.embed_dim=0", r"model\.embed_dim must be >= 1"),
+    ("model.rows_per_field=0", r"model\.rows_per_field must be >= 1"),
+    ("model.mlp_dims=[]", r"model\.mlp_dims must be a non-empty list of numbers >= 1"),
+    ("model.mlp_dims=[8, 0]", r"model\.mlp_dims must be .*>= 1 \(got \[8, 0\]\)"),
+    ("model.vocab_size=255", r"model\.vocab_size must be >= 256"),
+    ("train.eval_every=-1", r"train\.eval_every must be >= 0 \(got -1\)"),
+    ("train.eval_batches=0", r"train\.eval_batches must be >= 1"),
+    ("train.grad_clip=-0.5", r"train\.grad_clip must be >= 0"),
+    ("train.threads=-1", r"train\.threads must be >= 0"),
+    ("train.beta1=1.0", r"train\.beta1 must be in \[0, 1\)"),
+    ("train.beta2=1.01", r"train\.beta2 must be in \[0, 1\)"),
+    ("train.min_lr_ratio=1.5", r"train\.min_lr_ratio must be in \[0, 1\]"),
+    ("train.lr=nan", r"train\.lr must be > 0 \(got nan\)"),
+    ("train.lr=inf", r"train\.lr must be > 0 \(got inf\)"),
+    ("train.weight_decay=-1", r"train\.weight_decay must be >= 0"),
+    ("train.seed=-1", r"train\.seed must be in \[0, 4294967295\]"),
+    ("data.max_bytes=-1", r"data\.max_bytes must be >= 0"),
+    ("data.eval_fraction=1", r"data\.eval_fraction must be in \[0, 1\)"),
+    ("data.zipf_alpha=-1", r"data\.zipf_alpha must be >= 0"),
+    ("data.synthetic_samples=0", r"data\.synthetic_samples must be >= 1"),
+    ("data.sources=[{path = 'a'}, {ramp_steps = -2}]",
+     r"data\.sources\[1\]\.ramp_steps must be >= 0"),
+    ("sync.dense_threshold=1.5", r"sync\.dense_threshold must be in \[0, 1\]"),
+    ("sync.bucket_mb=0", r"sync\.bucket_mb must be > 0"),
+    ("parallel.timeout_s=0", r"parallel\.timeout_s must be > 0 \(got 0\.0\)"),
+    ("checkpoint.replicas=0", r"checkpoint\.replicas must be >= 1"),
+    ("checkpoint.memory_bytes_per_s=-1", r"checkpoint\.memory_bytes_per_s must be >= 0"),
+    ("compress.bits=9", r"compress\.bits must be in \[2, 8\]"),
+])
+def test_out_of_range_values_are_one_line_errors(override, match):
+    with pytest.raises(ConfigError, match=match) as e:
+        load_config(None, [override])
+    assert "\n" not in str(e.value)
+
+
+def test_range_boundaries_are_accepted():
+    cfg = load_config(None, ["model.dropout=0.0", "train.min_lr_ratio=1.0", "train.eval_every=0",
+                             "train.grad_clip=0", "train.threads=0", "data.max_bytes=0",
+                             "train.beta2=0.0", "sync.dense_threshold=1.0",
+                             "checkpoint.every=0", "train.seed=4294967295"])
+    assert cfg.train.min_lr_ratio == 1.0 and cfg.train.seed == 2**32 - 1
+
+
+def test_every_numeric_field_has_a_range():
+    """A numeric field added without an entry in RANGES would go unchecked."""
+    from zentrain.config import RANGES, SourceConfig, numeric_fields
+
+    cfg = Config()
+    cfg.data.sources = [SourceConfig()]  # so the walk reaches the per-source fields
+    keys = {rkey for _, rkey, _ in numeric_fields(cfg)}
+    assert keys == set(RANGES), (keys ^ set(RANGES))
+    for key, _, value in numeric_fields(Config()):  # and the defaults are inside them
+        for v in value if isinstance(value, list) else [value]:
+            assert v in RANGES[key.split("[")[0]], key

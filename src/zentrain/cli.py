@@ -53,6 +53,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.nodes < 1:
         raise ConfigError(f"bad --nodes {args.nodes} (allowed: an integer >= 1)")
     cfg = load_config(args.config, overrides)
+    if not launch.inside_torchrun():  # (in place, each worker checks for itself)
+        # A layout NCCL cannot run fails here, once, before any worker starts.
+        launch.check_device_layout(cfg, cfg.parallel.nproc, cfg.parallel.nproc * args.nodes)
+        launch.maybe_set_cublas_workspace(cfg)  # inherited by every worker
     run_dir = Path(args.run_dir) if args.run_dir else train.default_run_dir(cfg)
     train_args = ([args.config] if args.config else []) + [
         a for o in overrides for a in ("--set", o)] + ["--run-dir", str(run_dir)]

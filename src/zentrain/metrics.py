@@ -22,11 +22,16 @@ class StepTimer:
 
     @contextmanager
     def __call__(self, phase: str):
+        # CUDA kernels run asynchronously: without a sync at both ends, a phase would be
+        # charged with the GPU work queued before it and miss its own.
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize(self.device)
         t0 = time.perf_counter()
         try:
             yield
         finally:
-            if self.device.type == "cuda":
+            if cuda:
                 torch.cuda.synchronize(self.device)
             self.times[phase] = self.times.get(phase, 0.0) + time.perf_counter() - t0
 
@@ -108,6 +113,45 @@ class Progress:
     def close(self) -> None:
         if self._bar is not None:
             self._bar.stop()
+
+
+def read_step_rows(run_dir: Path, upto: int) -> list[dict[str, Any]]:
+    """Step rows (those with a ``loss``) of ``RUN_DIR/metrics.jsonl`` up to step ``upto``,
+    in step order; a step logged twice (re-run after a restart) counts once, its last row."""
+    path = Path(run_dir) / "metrics.jsonl"
+    by_step: dict[int, dict[str, Any]] = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue  # a line cut short by a crash
+            if isinstance(row, dict) and "loss" in row and row.get("step", upto + 1) <= upto:
+                by_step[int(row["step"])] = row
+    return [by_step[k] for k in sorted(by_step)]
+
+
+def build_summary(rows: list[dict[str, Any]], eval_out: dict[str, float], wall: float, *,
+                  unit: str, **info: Any) -> dict[str, Any]:
+    """``summary.json`` from the run's step rows (all attempts: see ``read_step_rows``):
+    means over the steady state, i.e. without the run's first two steps (warm-up)."""
+    steady = rows[min(len(rows) - 1, 2):] if rows else []
+
+    def mean(key: str) -> float:
+        return sum(r.get(key, 0.0) for r in steady) / max(1, len(steady))
+
+    return {
+        **info, "unit": unit,
+        "final_train_loss": rows[-1]["loss"] if rows else float("nan"), "eval": eval_out,
+        "throughput": mean(f"{unit}_per_s"), "step_time_s": mean("step_time_s"),
+        "breakdown": {k: mean(k) for k in ("data_wait_s", "forward_s", "backward_s",
+                                           "sync_s", "optimizer_s")},
+        "sync_bytes_sent_per_step": mean("sync_bytes_sent"),
+        "sync_bytes_sent_max_per_step": mean("sync_bytes_sent_max"),
+        "peak_mem_bytes": max((r.get("peak_mem_bytes", 0) for r in rows), default=0),
+        "steps_measured": len(steady),
+        "wall_time_s": wall,
+    }
 
 
 def fmt_bytes(n: float) -> str:

@@ -24,12 +24,21 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from zentrain import launch
 from zentrain.api import DataParallel
 from zentrain.ckpt import persistent
 from zentrain.ckpt.manager import CheckpointManager
 from zentrain.config import Config, ConfigError, load_config
 from zentrain.data.corpus import DataError
-from zentrain.metrics import MetricsWriter, Progress, StepTimer, peak_memory_bytes, print_summary
+from zentrain.metrics import (
+    MetricsWriter,
+    Progress,
+    StepTimer,
+    build_summary,
+    peak_memory_bytes,
+    print_summary,
+    read_step_rows,
+)
 
 
 class NonFiniteLoss(RuntimeError):
@@ -47,11 +56,8 @@ class Dist:
 
 
 def pick_device(cfg: Config, local_rank: int) -> torch.device:
-    want = cfg.train.device
-    if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise ConfigError("train.device = 'cuda' but CUDA is not available (allowed here: "
-                              "'cpu' or 'auto')")
+    if launch.resolve_device_type(cfg) == "cuda":
+        # check_device_layout made sure there is a GPU per local rank under NCCL.
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
@@ -63,12 +69,12 @@ def init_distributed(cfg: Config) -> Dist:
     world = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    # Before any collective: a layout NCCL cannot run fails here on every rank alike.
+    _, backend = launch.check_device_layout(cfg, local_world, world)
+    launch.maybe_set_cublas_workspace(cfg)  # before the first cuBLAS call
     device = pick_device(cfg, local_rank)
-    backend = cfg.parallel.backend
-    if backend == "auto":
-        backend = "nccl" if device.type == "cuda" else "gloo"
-    if backend == "nccl" and device.type != "cuda":
-        raise ConfigError("parallel.backend = 'nccl' needs CUDA tensors (allowed on CPU: 'gloo')")
+    if local_rank == 0:
+        launch.maybe_warn_oversubscribed(local_world, device.type)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend, timeout=datetime.timedelta(
             seconds=cfg.parallel.timeout_s), device_id=device if device.type == "cuda" else None)
@@ -111,6 +117,14 @@ def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
     # per-parameter loop on large embedding tables, and deterministic.
     return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=(cfg.train.beta1, cfg.train.beta2),
                              fused=True)
+
+
+def maybe_densify_grads(model: nn.Module) -> None:
+    """Sparse COO gradients (``model.sparse_embedding``, left sparse by ``ddp`` and by a
+    single rank) become dense: fused AdamW and norm clipping take dense gradients only."""
+    for p in model.parameters():
+        if p.grad is not None and p.grad.is_sparse:
+            p.grad = p.grad.to_dense()
 
 
 def _seed_step(cfg: Config, step: int, rank: int) -> None:
@@ -178,12 +192,26 @@ class Trainer:
         timer.times["backward"] -= sync_s  # the sync callback ran inside backward
         timer.times["sync"] = sync_s
         with timer("optimizer"):
-            if cfg.train.grad_clip > 0:
-                nn.utils.clip_grad_norm_(self.model.parameters(), cfg.train.grad_clip)
+            maybe_densify_grads(self.model)
+            norm = (float(nn.utils.clip_grad_norm_(self.model.parameters(), cfg.train.grad_clip))
+                    if cfg.train.grad_clip > 0 else 0.0)
+        # Every rank agrees on the step's fate before anything changes the parameters: the
+        # loss is per rank, so the check runs on gathered values (identical everywhere).
+        t0 = time.perf_counter()
+        (mean_loss, _, _, _), (_, max_sent, max_recv, max_norm) = _reduce_stats(
+            [loss_sum / accum, float(stats.bytes_sent), float(stats.bytes_recv), norm], self.d)
+        stats_s = time.perf_counter() - t0
+        if not (math.isfinite(mean_loss) and math.isfinite(max_norm)):
+            self.optim.zero_grad(set_to_none=True)
+            what = f"loss {mean_loss}" if not math.isfinite(mean_loss) else \
+                f"gradient norm {max_norm} (loss {mean_loss:.4f})"
+            raise NonFiniteLoss(f"non-finite {what} at step {self.step + 1}")
+        with timer("optimizer"):
             self.optim.step()
             self.optim.zero_grad(set_to_none=True)
         times = timer.reset()
-        return {"loss": loss_sum / accum, "times": times, "sync": stats}
+        return {"loss": mean_loss, "times": times, "sync": stats, "max_sent": max_sent,
+                "max_recv": max_recv, "stats_s": stats_s}
 
     # -- the loop -----------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
@@ -208,26 +236,27 @@ class Trainer:
         t_start = time.perf_counter()
         hist: list[dict[str, float]] = []
         eval_out: dict[str, float] = {}
-        last_loss = float("nan")
+        start_step = self.step
         try:
             while self.step < cfg.train.steps:
                 t0 = time.perf_counter()
-                out = self.train_step()
-                step_time = time.perf_counter() - t0
-                s = out["sync"]
-                (mean_loss, _, _), (_, max_sent, max_recv) = _reduce_stats(
-                    [out["loss"], float(s.bytes_sent), float(s.bytes_recv)], d)
-                if not math.isfinite(mean_loss):
+                try:
+                    out = self.train_step()
+                except NonFiniteLoss as e:
                     raise NonFiniteLoss(
-                        f"non-finite loss {mean_loss} at step {self.step}; stopping. The last "
-                        f"good checkpoint (if any) in {self.run_dir}/checkpoints is kept; try a "
-                        f"lower train.lr (now {cfg.train.lr}) or train.grad_clip")
+                        f"{e}; stopped before the optimizer step. {self._keep_last_good()}; "
+                        f"try a lower train.lr (now {cfg.train.lr:g}) or train.grad_clip "
+                        f"(now {cfg.train.grad_clip:g})") from None
+                # The stats exchange is outside the step time, as the reporting it serves.
+                step_time = time.perf_counter() - t0 - out["stats_s"]
+                s, mean_loss = out["sync"], out["loss"]
+                max_sent, max_recv = out["max_sent"], out["max_recv"]
                 self.step += 1
-                last_loss = mean_loss
                 items = self.data.items_per_batch * cfg.train.grad_accum * d.world_size
                 row = {"step": self.step, "loss": mean_loss, "lr": lr_at(cfg, self.step - 1),
                        "step_time_s": step_time,
                        **{f"{k}_s": v for k, v in out["times"].items()},
+                       "stats_s": out["stats_s"],
                        f"{self.data.unit}_per_s": items / step_time,
                        "sync_bytes_sent": s.bytes_sent, "sync_bytes_recv": s.bytes_recv,
                        "sync_bytes_sent_max": int(max_sent), "sync_bytes_recv_max": int(max_recv),
@@ -255,31 +284,48 @@ class Trainer:
             self.data.close()  # stop the loader's workers
             progress.close()
             metrics.close()
-        return {**self._summary(hist, eval_out, last_loss, time.perf_counter() - t_start),
-                **self.ckpt.finish(self)}  # final persistent save, digest
+        summary = {**self._summary(hist, eval_out, start_step, time.perf_counter() - t_start),
+                   **self.ckpt.finish(self)}  # final persistent save, digest
+        summary["ranks_agree"] = self._ranks_agree(summary["param_digest"])
+        return summary
+
+    def _keep_last_good(self) -> str:
+        """After a non-finite step: finish the persistent save in flight and commit it (it
+        holds the state after the last step whose loss and gradients were finite; left
+        uncommitted, it stayed ``step_N.tmp`` and ``--resume`` found nothing). Collective.
+        Returns a sentence for the error message."""
+        where = f"{self.run_dir}/checkpoints"
+        note = ""
+        try:
+            self.ckpt._wait()  # no public wait-and-commit in CheckpointManager yet
+        except Exception as e:  # noqa: BLE001 - the loss is the error to report
+            note = f" (the save in flight failed: {type(e).__name__}: {e})"
+        self.ckpt.close()
+        step = persistent.latest_step(self.run_dir)
+        if step is None:
+            return f"No checkpoint was committed in {where} before it{note}"
+        return f"--resume continues from step {step} (the newest checkpoint in {where}){note}"
+
+    def _ranks_agree(self, digest: str) -> bool:
+        """Every rank ends with bit-identical parameters (the sync's contract): checked once."""
+        if self.d.world_size == 1:
+            return True
+        digests: list[Any] = [None] * self.d.world_size
+        dist.all_gather_object(digests, digest)
+        return len(set(digests)) == 1
 
     def save(self) -> None:
         persistent.save(self.run_dir, self.step, self.model, self.optim,
                         {"step": torch.tensor(self.step), "data": self.data.state_dict()})
 
-    def _summary(self, hist, eval_out, last_loss, wall) -> dict[str, Any]:
-        steady = hist[min(len(hist) - 1, 2):] if hist else []  # skip warm-up steps
-        def mean(key: str) -> float:
-            return sum(r.get(key, 0.0) for r in steady) / max(1, len(steady))
-        step_time = mean("step_time_s")
-        return {
-            "run_dir": str(self.run_dir), "model": self.cfg.model.name,
-            "sync": self.cfg.sync.scheme, "world_size": self.d.world_size,
-            "backend": self.d.backend, "steps": self.step, "unit": self.data.unit,
-            "final_train_loss": last_loss, "eval": eval_out,
-            "throughput": mean(f"{self.data.unit}_per_s"), "step_time_s": step_time,
-            "breakdown": {k: mean(k) for k in ("data_wait_s", "forward_s", "backward_s",
-                                               "sync_s", "optimizer_s")},
-            "sync_bytes_sent_per_step": mean("sync_bytes_sent"),
-            "sync_bytes_sent_max_per_step": mean("sync_bytes_sent_max"),
-            "peak_mem_bytes": max((r["peak_mem_bytes"] for r in hist), default=0),
-            "wall_time_s": wall,
-        }
+    def _summary(self, hist, eval_out, start_step, wall) -> dict[str, Any]:
+        # After a restart or --resume, the steps before it are in metrics.jsonl (rank 0's).
+        rows = (read_step_rows(self.run_dir, start_step) if self.is_main and start_step
+                else []) + hist
+        return build_summary(
+            rows, eval_out, wall, unit=self.data.unit, run_dir=str(self.run_dir),
+            model=self.cfg.model.name, sync=self.cfg.sync.scheme,
+            world_size=self.d.world_size, backend=self.d.backend, steps=self.step)
 
 
 class _null:
@@ -350,16 +396,39 @@ def default_run_dir(cfg: Config) -> Path:
     return Path("runs") / f"{cfg.model.name}-{cfg.sync.scheme}-{stamp}"
 
 
+def _says_it(e: Exception, env: dict[str, str] | os._Environ[str] = os.environ) -> bool:
+    """One message per job, not one per rank: every rank agrees on a non-finite loss (rank 0
+    says it); a config error is the same on every rank of a node (local rank 0 says it); a
+    data error can be one rank's own (each rank says its own)."""
+    if isinstance(e, NonFiniteLoss):
+        return int(env.get("RANK", 0) or 0) == 0
+    if isinstance(e, ConfigError):
+        return int(env.get("LOCAL_RANK", 0) or 0) == 0
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    run_dir: Path | None = None
     try:
         overrides = args.overrides + (["checkpoint.resume=true"] if args.resume else [])
         cfg = load_config(args.config, overrides)
         run_dir = Path(args.run_dir or os.environ.get("ZENTRAIN_RUN_DIR") or default_run_dir(cfg))
+        code = launch.fatal_before(run_dir)
+        if code is not None:
+            if int(os.environ.get("RANK", 0) or 0) == 0:
+                print(f"zentrain: not restarting: a worker of this job stopped with exit code "
+                      f"{code} (its error is above), which a restart cannot fix",
+                      file=sys.stderr, flush=True)
+            return code
         run(cfg, run_dir)
     except (ConfigError, DataError, NonFiniteLoss) as e:
-        print(f"zentrain: error: {e}", file=sys.stderr)
-        return 3 if isinstance(e, NonFiniteLoss) else 2
+        code = 3 if isinstance(e, NonFiniteLoss) else 2
+        if _says_it(e):
+            print(f"zentrain: error: {e}", file=sys.stderr, flush=True)
+        if run_dir is not None:
+            launch.record_fatal(run_dir, code, str(e))
+        return code
     return 0
 
 
