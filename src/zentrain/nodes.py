@@ -378,6 +378,8 @@ def _node_main(a: argparse.Namespace) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+    from zentrain import launch
+
     record_elastic_events(Path(a.run_dir) / f"elastic-node{a.node}.jsonl", a.node)
     zygote = Zygote.start(f"{a.job}-node{a.node}")  # in this node's namespace
     worker_args = ["-u", "-m", "zentrain.train", *a.train_args]
@@ -391,7 +393,8 @@ def _node_main(a: argparse.Namespace) -> int:
                       "keep_alive_max_attempt": 5},
         monitor_interval=0.1, start_method="spawn", local_addr=a.local_addr)
     try:
-        elastic_launch(lc, sys.executable)(*worker_args)
+        with launch.no_restart_on_fatal():  # exit codes 2/3 (user error, non-finite loss)
+            elastic_launch(lc, sys.executable)(*worker_args)
     except ChildFailedError as e:
         codes = {f.local_rank: f.exitcode for f in e.failures.values()}
         first = min(codes)

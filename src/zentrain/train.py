@@ -297,7 +297,7 @@ class Trainer:
         where = f"{self.run_dir}/checkpoints"
         note = ""
         try:
-            self.ckpt._wait()  # no public wait-and-commit in CheckpointManager yet
+            self.ckpt.wait_pending()
         except Exception as e:  # noqa: BLE001 - the loss is the error to report
             note = f" (the save in flight failed: {type(e).__name__}: {e})"
         self.ckpt.close()

@@ -369,6 +369,11 @@ class CheckpointManager:
         if self._pending is not None and self._pending[0].done():
             self._wait()
 
+    def wait_pending(self) -> None:
+        """Finish the persistent save in flight, if any, and commit it (collective: every
+        rank's part must be written). Raises if the save failed; nothing is committed then."""
+        self._wait()
+
     def _wait(self) -> None:
         if self._pending is None:
             return
