@@ -138,7 +138,7 @@ def _reduce_stats(values: list[float], d: Dist) -> tuple[list[float], list[float
     if d.world_size == 1:
         return values, values
     out = torch.empty(d.world_size * len(values), dtype=torch.float64, device=d.device)
-    dist.all_gather_single(out, t)
+    dist.all_gather_into_tensor(out, t)
     m = out.view(d.world_size, len(values))
     return m.mean(0).tolist(), m.max(0).values.tolist()
 

@@ -75,7 +75,7 @@ def all_gather(
         return
     b = nbytes(inp) * (n - 1)
     counter.add(b, b)
-    dist.all_gather_single(out, inp.contiguous(), group=group)
+    dist.all_gather_into_tensor(out, inp.contiguous(), group=group)
 
 
 def all_to_all(
