@@ -45,7 +45,13 @@ class ModelConfig:
     num_dense: int = 13
     """DeepFM: number of dense (integer) features (Criteo has 13)."""
     rows_per_field: int = 40000
-    """DeepFM: rows of each field's embedding table (26 x 40000 ~ 1M rows in all)."""
+    """DeepFM: mean rows per field; the shared table has num_fields x this (~1M) rows."""
+    field_rows: Literal["criteo", "uniform"] = "criteo"
+    """DeepFM: per-field sizes: the Kaggle Criteo cardinalities scaled to that total, or
+    equal (zentrain.models.ctr_layout)."""
+    id_layout: Literal["frequency", "hashed"] = "frequency"
+    """DeepFM: ids are frequency ranks with the hottest at the first rows (Criteo files: a
+    counted vocabulary), or scattered (Criteo files: hashed)."""
     embed_dim: int = 16
     """DeepFM: embedding width of each field."""
     mlp_dims: list[int] = field(default_factory=lambda: [256, 128])
@@ -91,6 +97,8 @@ class DataConfig:
     """DeepFM synthetic generator: Zipf exponent of categorical ids (skew)."""
     on_error: Literal["skip", "fail"] = "skip"
     """What a corrupt record does: reported and skipped, or fatal."""
+    vocab_min_count: int = 2
+    """DeepFM Criteo files, frequency ids: rarer values share their field's last row."""
     sources: list[SourceConfig] = field(default_factory=list)
     """Several datasets mixed by weight (``[[data.sources]]`` tables; empty: one source made
     of ``paths``)."""
