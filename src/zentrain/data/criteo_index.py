@@ -118,6 +118,8 @@ def _build_vocab(index: CriteoIndex, num_dense: int, num_fields: int, layout: CT
                  min_count: int, out: Path) -> None:
     """Count every field's values over the indexed rows (file order), then keep the
     vocabulary. Rows are read through the index, so bad rows are skipped as in training."""
+    # Only raw values are read (``raw``), so the reader's own id layout does not matter:
+    # hashed, which needs no vocabulary (the one being built).
     rows = CriteoRows(index, num_dense, num_fields, layout.field_rows[0])
     counts = ValueCounts(num_fields)
     try:
