@@ -47,7 +47,13 @@ class ModelConfig:
     num_dense: int = 13
     """DeepFM: number of dense (integer) features (Criteo has 13)."""
     rows_per_field: int = 40000
-    """DeepFM: rows of each field's embedding table (26 x 40000 ~ 1M rows in all)."""
+    """DeepFM: mean rows per field; the shared table has num_fields x this (~1M) rows."""
+    field_rows: Literal["criteo", "uniform"] = "criteo"
+    """DeepFM: per-field sizes: the Kaggle Criteo cardinalities scaled to that total, or
+    equal (zentrain.models.ctr_layout)."""
+    id_layout: Literal["frequency", "hashed"] = "frequency"
+    """DeepFM: ids are frequency ranks with the hottest at the first rows (Criteo files: a
+    counted vocabulary), or scattered (Criteo files: hashed)."""
     embed_dim: int = 16
     """DeepFM: embedding width of each field."""
     mlp_dims: list[int] = field(default_factory=lambda: [256, 128])
@@ -96,6 +102,8 @@ class DataConfig:
     """DeepFM synthetic generator: Zipf exponent of categorical ids (skew)."""
     on_error: Literal["skip", "fail"] = "skip"
     """What a corrupt record does: reported and skipped, or fatal."""
+    vocab_min_count: int = 2
+    """DeepFM Criteo files, frequency ids: rarer values share their field's last row."""
     sources: list[SourceConfig] = field(default_factory=list)
     """Several datasets mixed by weight (``[[data.sources]]`` tables; empty: one source made
     of ``paths``)."""
@@ -391,7 +399,8 @@ RANGES: dict[str, Range] = {
     "data.zipf_alpha": _NONNEG, "data.global_batch_size": _NONNEG,
     "data.num_workers": _NONNEG, "data.prefetch": _ONE_UP,
     "data.sources.weight": _NONNEG, "data.sources.weight_end": Range(),  # < 0: no ramp
-    "data.sources.ramp_steps": _NONNEG,
+    "data.sources.ramp_steps": _NONNEG, "data.sources.ramp_start": _NONNEG,
+    "data.vocab_min_count": _ONE_UP,
     "train.steps": _ONE_UP, "train.batch_size": _ONE_UP, "train.grad_accum": _ONE_UP,
     "train.lr": _POS, "train.min_lr_ratio": _FRACTION, "train.warmup_steps": _NONNEG,
     "train.weight_decay": _NONNEG, "train.beta1": _PROB, "train.beta2": _PROB,

@@ -7,7 +7,7 @@ from zentrain.bench import report
 from zentrain.bench.chaos_report import check_chaos_targets
 
 
-def _result(lost=1, identical=10, disk=95.0, mem=9.5, on=1.03, off=1.0):
+def _result(lost=1, identical=10, disk=95.0, mem=9.5, on=1.03, off=1.0, share=0.02):
     bd = {"detect": 0.3, "stop": 0.0, "rendezvous": 0.6, "spawn": 0.2, "import": 0.0,
           "init": 3.0, "load": 0.5, "steps": 4.0}
     return {"command": "zentrain chaos --kill worker", "kill": "worker", "nodes": 1,
@@ -18,17 +18,20 @@ def _result(lost=1, identical=10, disk=95.0, mem=9.5, on=1.03, off=1.0):
                         "recovery_s_median": mem, "recovery_s_disk_mean": disk,
                         "disk_over_memory": disk / mem, "step_time_s_memory_on": on,
                         "step_time_s_memory_off": off, "memory_ckpt_overhead": on / off - 1,
-                        "memory_ckpt_cpu_share": 0.02, "breakdown_mean": bd}}
+                        "memory_ckpt_cpu_share": share, "ckpt_cpu_s": 0.5 * share,
+                        "train_cpu_s": 0.5, "breakdown_mean": bd}}
 
 
 def test_targets_met_and_missed():
     ok = check_chaos_targets(Path("a.json"), _result())
     assert len(ok) == 4 and all(c["met"] for c in ok)
     bad = {c["target"]: c for c in check_chaos_targets(
-        Path("b.json"), _result(lost=2, identical=9, disk=20.0, on=1.2))}
+        Path("b.json"), _result(lost=2, identical=9, disk=20.0, on=1.2, share=0.08))}
     assert not any(c["met"] for c in bad.values())
-    cost = bad["worker kill: step-time cost of per-step in-memory checkpoints (wall clock)"]
-    assert cost["measured"] == "+20.0%" and "2.0% of the training thread" in cost["reason"]
+    cost = bad["worker kill: step-time cost of per-step in-memory checkpoints (checkpoint CPU "
+               "per save / training CPU per step)"]
+    assert cost["measured"] == "8.0% (wall clock +20.0%)"
+    assert "is 8.0% of the training thread's 0.500 s" in cost["reason"]
 
 
 def test_report_page_has_the_recovery_section(tmp_path):

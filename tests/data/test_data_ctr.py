@@ -5,9 +5,12 @@ import torch
 from zentrain.config import Config
 from zentrain.data import build_data
 from zentrain.data.corpus import DataError
+from zentrain.data.criteo_index import prepare_criteo_index, vocab_dir
+from zentrain.data.criteo_vocab import count_values, vocab_from_counts
 from zentrain.data.ctr import CTRBatches, SyntheticCTR, hash_categories, read_criteo, splitmix64
 from zentrain.evaluation import auc, evaluate
 from zentrain.models import DeepFM
+from zentrain.models.ctr_layout import CTRLayout, build_ctr_layout
 
 
 def synth(rows=1000, fields=26, seed=7, alpha=1.1) -> SyntheticCTR:
@@ -44,6 +47,62 @@ def test_synthetic_shapes_ranges_and_skew():
         assert counts.max() > 0.05 * 20000  # Zipf: the hottest id is far above uniform (0.1%)
         hot.append(int(counts.argmax()))
     assert len(set(hot)) > 20  # a per-field permutation scatters the hot rows
+
+
+def layout(field_rows="criteo", ids="frequency", fields=26, rows=40000) -> CTRLayout:
+    cfg = Config().model
+    cfg.name, cfg.num_fields, cfg.rows_per_field = "deepfm", fields, rows
+    cfg.field_rows, cfg.id_layout = field_rows, ids
+    return build_ctr_layout(cfg)
+
+
+def first_partition_share(lay: CTRLayout, seed=1234, n=8, batch=256) -> np.ndarray:
+    """Share of the non-zero rows of n ranks' batches (each rank's distinct table rows)
+    that fall in each of n equal contiguous partitions of the table (ZEN's C3)."""
+    g = SyntheticCTR(lay.num_fields, 13, lay, 1.1, seed)
+    rng = np.random.default_rng(0)
+    rows = np.concatenate([np.unique(lay.rows_of(g.take(rng.integers(0, 10**6, batch))
+                                                 ["cats"].numpy())) for _ in range(n)])
+    bounds = np.arange(1, n) * lay.total_rows // n
+    return np.bincount(np.searchsorted(bounds, rows, side="right"), minlength=n) / len(rows)
+
+
+def test_frequency_ids_are_skewed_and_hashed_ids_are_not():
+    """The default layout puts most non-zeros in the first of 8 contiguous partitions (ZEN
+    §2.1: > 60% in all six models); the scattered layout spreads them evenly."""
+    freq = first_partition_share(layout())
+    assert freq[0] > 0.5 and freq.argmax() == 0
+    flat = first_partition_share(layout("uniform", "hashed"))
+    assert flat.max() < 0.2 and flat.min() > 0.06  # 1/8 = 0.125 each when uniform
+
+
+def test_layouts_differ_only_by_a_bijection_of_ids():
+    """Same seed: identical dense features and labels under both id layouts; field f's
+    hashed id is a fixed permutation of its frequency rank, and rank 0 is the hottest."""
+    lf, lh = layout(fields=5, rows=300), layout(ids="hashed", fields=5, rows=300)
+    idx = np.arange(20000)
+    a, b = SyntheticCTR(5, 13, lf, 1.1, 3).take(idx), SyntheticCTR(5, 13, lh, 1.1, 3).take(idx)
+    assert torch.equal(a["dense"], b["dense"]) and torch.equal(a["labels"], b["labels"])
+    for f, size in enumerate(lf.field_rows):
+        fa, fb = a["cats"][:, f], b["cats"][:, f]
+        assert 0 <= int(fa.min()) and int(fa.max()) < size and int(fb.max()) < size
+        pairs = set(zip(fa.tolist(), fb.tolist()))
+        assert len(pairs) == len(set(fa.tolist())) == len(set(fb.tolist()))  # one-to-one
+        assert int(torch.bincount(fa).argmax()) == 0
+    assert not torch.equal(a["cats"], b["cats"])
+
+
+def test_frequency_layout_deterministic_by_seed():
+    lay = layout(fields=26, rows=500)
+    idx = np.array([3, 77, 123456])
+    a = SyntheticCTR(26, 13, lay, 1.1, 9).take(idx)
+    b = SyntheticCTR(26, 13, lay, 1.1, 9).take(idx[::-1].copy())
+    for k in ("dense", "cats", "labels"):
+        assert torch.equal(a[k], b[k].flip(0))
+    c = SyntheticCTR(26, 13, lay, 1.1, 10).take(idx)
+    assert not torch.equal(a["cats"], c["cats"])
+    with pytest.raises(ValueError, match="a layout of 26 fields for 5 fields"):
+        SyntheticCTR(5, 13, lay, 1.1, 9)
 
 
 def test_ctr_batches_stateless_and_sharded():
@@ -168,3 +227,63 @@ def test_auc_helper_sees_signal_in_synthetic_ground_truth():
     d = int(np.argmax(np.abs(g.dense_weight)))
     score = b["dense"][:, d] * float(np.sign(g.dense_weight[d]))
     assert auc(score, b["labels"]) > 0.55
+
+
+# --- frequency vocabulary -----------------------------------------------------------------------
+
+def test_vocab_ranks_by_count_and_pools_rare_values():
+    # Field 0: 7 x5, 9 x3, 4 x3 (tie: smaller value first), 8 x1 (rare); field 1: 6 rows
+    # of value 2 and distinct singletons.
+    col0 = [7] * 5 + [9] * 3 + [4] * 3 + [8]
+    col1 = [2] * 6 + [100 + i for i in range(6)]
+    raw = np.array([col0, col1], dtype=np.uint64).T
+    v = vocab_from_counts(count_values([raw[:5], raw[5:]]), (10, 3), min_count=2)
+    ids = v.apply(np.array([[7, 2], [4, 100], [9, 2], [8, 101], [12345, 5]], dtype=np.uint64))
+    assert ids[:, 0].tolist() == [0, 1, 2, 9, 9]  # most frequent -> 0; rare/unseen -> 9
+    assert ids[:, 1].tolist() == [0, 2, 0, 2, 2]  # field 1's out-of-vocabulary id is 2
+    # A field with more frequent values than rows keeps the most frequent ones (3 rows: 2
+    # values and the out-of-vocabulary id; 9 loses the tie with 4).
+    small = vocab_from_counts(count_values([raw]), (3, 3), min_count=1)
+    assert small.apply(np.array([[7, 2], [9, 2], [4, 2]], dtype=np.uint64))[:, 0].tolist() \
+        == [0, 2, 1]
+    with pytest.raises(ValueError, match="vocab_min_count=0"):
+        vocab_from_counts(count_values([raw]), (3, 3), min_count=0)
+
+
+def test_criteo_reader_frequency_vocab(tsv):
+    lay = layout(fields=26, rows=100)
+    arr = read_criteo([tsv], 13, 26, lay, report=None, vocab_min_count=2)
+    # Rows 0 and 2 share every category (2 of 4 rows): the most frequent value of each
+    # field -> id 0. Row 1's empty fields also occur in row 3 (fields 2..) -> id 1 there;
+    # fields 0-1 of rows 1 and 3 are seen once -> their field's last id.
+    last = np.array(lay.field_rows) - 1
+    assert (arr.cats[0] == 0).all() and (arr.cats[2] == 0).all()
+    assert (arr.cats[1, 2:] == 1).all() and (arr.cats[3, 2:] == 1).all()
+    assert (arr.cats[[1, 3], :2] == last[:2]).all()
+
+
+def test_criteo_index_vocab_cached_and_shared(tsv, tmp_path):
+    lay = layout(fields=26, rows=100)
+    cache = str(tmp_path / "cache")
+    with pytest.raises(DataError, match="is not built"):
+        prepare_criteo_index([tsv], 13, 26, cache, "skip", False, None, lay)
+    idx = prepare_criteo_index([tsv], 13, 26, cache, "skip", True, None, lay)
+    assert idx.vocab is not None and idx.n_rows == 4
+    meta = tmp_path / "cache" / idx.vocab / "meta.json"
+    stamp = meta.stat().st_mtime_ns
+    again = prepare_criteo_index([tsv], 13, 26, cache, "skip", True, None, lay)
+    assert again == idx and meta.stat().st_mtime_ns == stamp  # reused, not rebuilt
+    other = prepare_criteo_index([tsv], 13, 26, cache, "skip", False, None, lay)
+    assert other.vocab == idx.vocab
+    assert vocab_dir(meta.parent.parent, layout(fields=26, rows=101), 2) != meta.parent
+    from zentrain.data.criteo_index import CriteoRows
+
+    rows = CriteoRows(idx, 13, 26, lay)
+    ref = read_criteo([tsv], 13, 26, lay, report=None)
+    assert np.array_equal(rows.take(np.arange(4))["cats"], ref.cats)
+    rows.close()
+    hashed = prepare_criteo_index([tsv], 13, 26, cache, "skip", True, None,
+                                  layout(ids="hashed", fields=26, rows=100))
+    assert hashed.vocab is None
+    with pytest.raises(DataError, match="need the index's vocabulary"):
+        CriteoRows(hashed, 13, 26, lay)

@@ -11,6 +11,7 @@ from zentrain.config import Config, ConfigError, SourceConfig, load_config
 from zentrain.data import badrecords, build_loader
 from zentrain.data.corpus import DataError
 from zentrain.data.ctr import read_criteo
+from zentrain.models.ctr_layout import build_ctr_layout
 
 WORDS = ["def", "class", "return", "self", "import", "lambda", "yield", "value", "index",
          "tensor", "gradient", "sparse", "shard", "rank"]
@@ -190,9 +191,11 @@ def test_criteo_rows_stream_by_offset_and_match_the_reader(tsv, tmp_path, caplog
     assert f"{tsv}:10: bad Criteo row" in caplog.text and f"{tsv}:30: bad Criteo row" in caplog.text
     assert ld.sources[0].n_train == 58
     batch = ld.train_batch(0, 0)  # one epoch: every valid row once
-    ref = read_criteo([tsv], 13, 26, 500, report=None)
-    order = np.lexsort(batch["cats"].numpy().T[::-1])
-    ref_order = np.lexsort(ref.cats.T[::-1])
+    ref = read_criteo([tsv], 13, 26, build_ctr_layout(cfg.model), report=None)
+    # Sort both by (cats, dense): frequency ids pool this file's one-off values, so cats
+    # alone do not tell rows apart.
+    order = np.lexsort(np.hstack([batch["cats"].numpy(), batch["dense"].numpy()]).T[::-1])
+    ref_order = np.lexsort(np.hstack([ref.cats, ref.dense]).T[::-1])
     assert np.array_equal(batch["cats"].numpy()[order], ref.cats[ref_order])
     assert np.allclose(batch["dense"].numpy()[order], ref.dense[ref_order])
     assert np.array_equal(batch["labels"].numpy()[order], ref.labels[ref_order])

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from zentrain.bench import e2e_reasons
 from zentrain.bench.chaos_report import is_chaos_result, render_chaos_section
 from zentrain.bench.e2e_plot import plot
 from zentrain.bench.more_report import (
@@ -88,51 +89,9 @@ def check_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
-_DENSE_OVERHEAD = ("per-step CPU work (flattening the gradients into buckets, dividing, "
-                   "copying the result back) and waiting for the slowest of")
-_OVERHEAD = ("per-step CPU work (finding the non-zero rows, hashing, scattering into the dense "
-             "gradient, a few collectives per table) and waiting for the slowest of")
-
-
 def miss_reason(t: Target, p: dict[str, Any], ratio: float, pred: float | None) -> str:
-    """Why a target was missed, in figures from the same run.
-
-    The target leaves ``system`` a step-time budget of baseline step / required ratio.
-    Compute alone over budget means no sync scheme could meet it here; otherwise the
-    exposed sync is compared with what the cost model predicts for the bytes it sent.
-    """
-    s, b = p["systems"][t.system], p["systems"][t.baseline]
-    work = _DENSE_OVERHEAD if t.system == "dense" else _OVERHEAD
-    budget = b["step_time_s"] / t.min_ratio
-    comp, sync = s.get("compute_time_s"), s.get("sync_time_s")
-    psync = s.get("predicted_sync_time_s")
-    model = "" if pred is None else (
-        f"; the cost model predicts {pred:.2f}x (it assumes {t.baseline}'s sync runs at line "
-        f"rate with no CPU cost)")
-    if comp is None or sync is None:
-        return f"{t.system} step {s['step_time_s'] * 1e3:.0f} ms > budget {budget * 1e3:.0f} ms"
-    if comp > budget:
-        return (f"compute-bound here: {t.system}'s compute alone is {comp * 1e3:.0f} ms/step, "
-                f"over the {budget * 1e3:.0f} ms the target allows ({t.baseline} step "
-                f"{b['step_time_s'] * 1e3:.0f} ms / {t.min_ratio:g}), so even a free sync "
-                f"could not meet it; {p['world']} ranks share the machine's cores{model}")
-    if pred is not None and pred < t.min_ratio:
-        pb, ps = b.get("predicted_sync_time_s"), psync
-        moved = "" if pb is None or ps is None else (
-            f": {t.system} and {t.baseline} move {s['sync_bytes_per_step'] / 2**20:.2f} and "
-            f"{b['sync_bytes_per_step'] / 2**20:.2f} MiB per rank per step, predicted "
-            f"{ps * 1e3:.0f} and {pb * 1e3:.0f} ms at this rate, against "
-            f"~{p['compute_reference_s'] * 1e3:.0f} ms of compute")
-        return (f"the cost model itself predicts only {pred:.2f}x for this workload{moved}, "
-                f"so no sync scheme could reach {t.min_ratio:g}x here; measured, "
-                f"{t.system}'s exposed sync is {sync * 1e3:.0f} ms/step: {work} "
-                f"{p['world']} ranks sharing the cores")
-    wire = "" if psync is None else (
-        f" (the cost model predicts {psync * 1e3:.0f} ms for its bytes at this rate; the rest "
-        f"is {work} {p['world']} ranks sharing the cores)")
-    return (f"{t.system}'s exposed sync is {sync * 1e3:.0f} ms/step{wire}, over the "
-            f"{(budget - comp) * 1e3:.0f} ms left after its {comp * 1e3:.0f} ms of compute "
-            f"within the {budget * 1e3:.0f} ms budget{model}")
+    """Why ``t`` was missed at point ``p``, in figures from the same run (``e2e_reasons``)."""
+    return e2e_reasons.miss_reason(t.system, t.baseline, t.min_ratio, p, ratio, pred)
 
 
 # -- the console table -------------------------------------------------------------------------
@@ -178,10 +137,9 @@ def point_notes(point: dict[str, Any]) -> list[str]:
                      + ("match" if lc["ok"] else "MISMATCH (marked !)"))
     notes.append("sync ms: exposed (not hidden behind backward); ~ = estimated as step time "
                  "minus the compute time of zentrain's schemes (DDP waits inside backward)")
-    comp = [s["compute_time_s"] for n, s in point["systems"].items()
-            if s.get("compute_time_s") and not s.get("sync_time_estimated")]
-    if len(comp) >= 2:
-        lo, hi = min(comp), max(comp)
+    spread = e2e_reasons.compute_spread(point)
+    if spread:
+        lo, hi = spread
         notes.append(f"noise: compute per step of zentrain's schemes (identical work) ranged "
                      f"{lo * 1e3:,.0f}-{hi * 1e3:,.0f} ms ({hi / lo:.2f}x) across their runs; "
                      "speed-ups within that factor are not resolved by this run")

@@ -29,6 +29,7 @@ from zentrain.data.corpus import DataError, expand_paths
 from zentrain.data.ctr import CTRBatches, SyntheticCTR, read_criteo
 from zentrain.data.loader import Loader, build_loader
 from zentrain.data.text import TextBatches, prepare_text_data
+from zentrain.models.ctr_layout import build_ctr_layout
 
 __all__ = ["DataBundle", "DataError", "Loader", "build_data", "build_loader",
            "prepare_text_data"]
@@ -88,8 +89,8 @@ def _ctr_bundle(cfg: Config, rank: int, world: int) -> DataBundle:
     mc, dc, tc = cfg.model, cfg.data, cfg.train
     if dc.paths:
         files = expand_paths(dc.paths)
-        arrays = read_criteo(files, mc.num_dense, mc.num_fields, mc.rows_per_field,
-                             dc.on_error)
+        arrays = read_criteo(files, mc.num_dense, mc.num_fields, build_ctr_layout(mc),
+                             dc.on_error, vocab_min_count=dc.vocab_min_count)
         n = len(arrays)
         n_eval = int(n * dc.eval_fraction)
         if dc.eval_fraction > 0 and n_eval == 0:
@@ -102,10 +103,11 @@ def _ctr_bundle(cfg: Config, rank: int, world: int) -> DataBundle:
         n = dc.synthetic_samples
         n_eval = tc.eval_batches * tc.batch_size
         train, evals = (0, n), (n, n + n_eval)  # eval ids: a disjoint range
-        source = SyntheticCTR(mc.num_fields, mc.num_dense, mc.rows_per_field, dc.zipf_alpha,
-                              tc.seed)
-        what = (f"synthetic CTR (Zipf {dc.zipf_alpha}, {mc.num_fields} fields x "
-                f"{mc.rows_per_field:,} rows): {n:,} samples")
+        layout = build_ctr_layout(mc)
+        source = SyntheticCTR(mc.num_fields, mc.num_dense, layout, dc.zipf_alpha, tc.seed)
+        what = (f"synthetic CTR (Zipf {dc.zipf_alpha}, {mc.num_fields} fields, "
+                f"{layout.total_rows:,} rows, {mc.field_rows} sizes, {mc.id_layout} ids): "
+                f"{n:,} samples")
     b = CTRBatches(source, train, evals, tc.batch_size, tc.eval_batches, tc.seed, rank, world)
     lo, hi = b.shard
     describe = (f"{what}; train {train[1] - train[0]:,} / eval {evals[1] - evals[0]:,}; "

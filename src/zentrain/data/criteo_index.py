@@ -14,6 +14,12 @@ opened, so a reused cache never hides them.
 
 Cache: ``data.cache_dir/criteo-<key>/`` where ``key`` covers each file's path, size and
 mtime and the column layout; ``meta.json`` is written last (present = complete).
+
+With ``model.id_layout = "frequency"`` a second pass counts every field's values over the
+indexed rows and keeps a frequency vocabulary (``criteo_vocab``) in ``vocab-<key>/`` of the
+same cache, keyed by the field sizes and ``data.vocab_min_count``; built once, under the
+same lock, by the builder, and memory-mapped by every reader. Otherwise categories are
+hashed (``ctr.hash_categories``).
 """
 
 from __future__ import annotations
@@ -28,10 +34,13 @@ from pathlib import Path
 import numpy as np
 
 from zentrain.data.corpus import DataError, log
-from zentrain.data.ctr import _parse_line, hash_categories
+from zentrain.data.criteo_vocab import CriteoVocab, ValueCounts, vocab_from_counts
+from zentrain.data.ctr import _parse_line, as_layout, hash_categories
 from zentrain.data.tokenizer import atomic_write_text, build_lock, tmp_path
+from zentrain.models.ctr_layout import CTRLayout
 
 INDEX_FORMAT = 1
+VOCAB_FORMAT = 1
 _OFFSET_BITS = 48
 _KEEP_BAD = 50  # bad rows remembered in meta.json for re-reporting
 _CHUNK = 1 << 16  # index rows buffered before they are written
@@ -45,6 +54,8 @@ class CriteoIndex:
     path: str
     """The ``index.u64`` file: [n_rows, 2] uint64."""
     n_rows: int
+    vocab: str | None = None
+    """The frequency vocabulary's directory (None: categories are hashed)."""
 
 
 def index_dir(files: list[Path], num_dense: int, num_fields: int, cache_dir: str) -> Path:
@@ -57,8 +68,11 @@ def index_dir(files: list[Path], num_dense: int, num_fields: int, cache_dir: str
 
 def prepare_criteo_index(files: list[Path], num_dense: int, num_fields: int, cache_dir: str,
                          on_error: str, is_builder: bool,
-                         report: Callable[[str], None] | None = log.warning) -> CriteoIndex:
-    """Build (``is_builder``, under the cache lock) or open the index of ``files``.
+                         report: Callable[[str], None] | None = log.warning,
+                         layout: CTRLayout | None = None,
+                         vocab_min_count: int = 2) -> CriteoIndex:
+    """Build (``is_builder``, under the cache lock) or open the index of ``files``, and
+    with a ``frequency`` ``layout`` its vocabulary.
 
     Bad rows are reported through ``report`` (the builder's, again on every open of a
     cached index) or, with ``on_error == "fail"``, raise ``DataError`` naming ``file:line``.
@@ -79,7 +93,45 @@ def prepare_criteo_index(files: list[Path], num_dense: int, num_fields: int, cac
     meta = json.loads(meta_path.read_text())
     if meta["n_rows"] == 0:
         raise DataError(f"no valid Criteo rows in {', '.join(map(str, files))}")
-    return CriteoIndex(tuple(str(p) for p in files), str(cache / "index.u64"), meta["n_rows"])
+    index = CriteoIndex(tuple(str(p) for p in files), str(cache / "index.u64"), meta["n_rows"])
+    if layout is None or layout.ids != "frequency":
+        return index
+    if vocab_min_count < 1:
+        raise DataError(f"data.vocab_min_count={vocab_min_count}; must be >= 1")
+    vdir = vocab_dir(cache, layout, vocab_min_count)
+    if is_builder:
+        with build_lock(vdir):
+            if not (vdir / "meta.json").is_file():
+                _build_vocab(index, num_dense, num_fields, layout, vocab_min_count, vdir)
+    if not (vdir / "meta.json").is_file():
+        raise DataError(f"Criteo vocabulary {vdir} is not built: the builder rank must build "
+                        "it before the others open it")
+    return CriteoIndex(index.files, index.path, index.n_rows, str(vdir))
+
+
+def vocab_dir(cache: Path, layout: CTRLayout, min_count: int) -> Path:
+    key = json.dumps([VOCAB_FORMAT, list(layout.field_rows), min_count])
+    return cache / f"vocab-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+
+def _build_vocab(index: CriteoIndex, num_dense: int, num_fields: int, layout: CTRLayout,
+                 min_count: int, out: Path) -> None:
+    """Count every field's values over the indexed rows (file order), then keep the
+    vocabulary. Rows are read through the index, so bad rows are skipped as in training."""
+    # Only raw values are read (``raw``), so the reader's own id layout does not matter:
+    # hashed, which needs no vocabulary (the one being built).
+    rows = CriteoRows(index, num_dense, num_fields, layout.field_rows[0])
+    counts = ValueCounts(num_fields)
+    try:
+        for lo in range(0, index.n_rows, _CHUNK):
+            counts.add(rows.raw(np.arange(lo, min(lo + _CHUNK, index.n_rows)))[2])
+    finally:
+        rows.close()
+    vocab = vocab_from_counts(counts, layout.field_rows, min_count)
+    vocab.save(out)
+    atomic_write_text(out / "meta.json", json.dumps(
+        {"field_rows": list(layout.field_rows), "min_count": min_count,
+         "n_rows": index.n_rows, "vocab_sizes": np.diff(vocab.bounds).tolist()}))
 
 
 def _rereport(meta: dict, on_error: str, report: Callable[[str], None] | None) -> None:
@@ -141,12 +193,21 @@ def _build(files: list[Path], num_dense: int, num_fields: int, cache: Path, on_e
 
 
 class CriteoRows:
-    """Rows of an index read on demand: ``take(i)`` -> dense / cats / labels arrays."""
+    """Rows of an index read on demand: ``take(i)`` -> dense / cats / labels arrays.
+
+    ``layout`` (or an int: rows per field, hashed) sets the per-field ids; a ``frequency``
+    layout needs an index prepared with it (its vocabulary)."""
 
     def __init__(self, index: CriteoIndex, num_dense: int, num_fields: int,
-                 rows_per_field: int) -> None:
+                 layout: CTRLayout | int) -> None:
         self.index, self.num_dense, self.num_fields = index, num_dense, num_fields
-        self.rows_per_field = rows_per_field
+        self.layout = as_layout(num_fields, layout)
+        self.vocab = None
+        if self.layout.ids == "frequency":
+            if index.vocab is None:
+                raise DataError("frequency ids need the index's vocabulary: call "
+                                "prepare_criteo_index with the layout")
+            self.vocab = CriteoVocab.load(Path(index.vocab), self.layout.field_rows)
         self.table = np.memmap(index.path, dtype=np.uint64, mode="r", shape=(index.n_rows, 2))
         self._fds: dict[int, int] = {}
 
@@ -160,6 +221,13 @@ class CriteoRows:
         return fd
 
     def take(self, idx: np.ndarray) -> dict[str, np.ndarray]:
+        labels, ints, raw = self.raw(idx)
+        cats = (self.vocab.apply(raw) if self.vocab is not None
+                else hash_categories(raw, self.layout.field_rows))
+        return {"dense": np.log1p(ints).astype(np.float32), "cats": cats, "labels": labels}
+
+    def raw(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Rows ``idx`` as parsed: labels, dense ints and raw uint64 category values."""
         entries = self.table[np.asarray(idx, dtype=np.int64)]
         n = len(entries)
         labels = np.empty(n, dtype=np.float32)
@@ -178,9 +246,7 @@ class CriteoRows:
             labels[j] = y
             ints[j] = x
             raw[j] = c
-        return {"dense": np.log1p(ints).astype(np.float32),
-                "cats": hash_categories(raw, self.rows_per_field),
-                "labels": labels}
+        return labels, ints, raw
 
     def close(self) -> None:
         for fd in self._fds.values():

@@ -21,6 +21,8 @@ import torch
 from torch import Tensor
 
 from zentrain.data.corpus import DataError, log
+from zentrain.data.criteo_vocab import count_values, vocab_from_counts
+from zentrain.models.ctr_layout import CTRLayout
 
 _U64 = np.uint64
 _MASK64 = (1 << 64) - 1
@@ -58,27 +60,40 @@ def _batch(dense: np.ndarray, cats: np.ndarray, labels: np.ndarray) -> dict[str,
 class SyntheticCTR:
     """Click samples whose label follows a hidden logistic model.
 
-    Ids of each field are Zipf(``zipf_alpha``) over ``rows_per_field`` ranks, mapped through
-    a fixed random permutation per field (so the hot ids are scattered over the table, not
-    all at row 0). Dense feature ``d`` is ``log1p(floor(exp(mu_d + sigma_d * z_d)))`` with
-    ``z_d`` standard normal: heavy-tailed counts after Criteo's usual log transform. The
-    label is Bernoulli(sigmoid(bias + sum of hidden per-id weights on ``hidden_fields``
-    fields + hidden dense weights . z)), so the achievable AUC is well above 0.5 and a model
-    that learns the hot ids' weights and the dense weights gets there quickly.
+    ``layout`` (a ``CTRLayout``, or an int: that many rows per field, hashed ids) sets the
+    fields' sizes and ids. Field ``f``'s value is a Zipf(``zipf_alpha``) rank over its
+    ``field_rows[f]`` values; with ``frequency`` ids the id *is* the rank (hot ids first,
+    like a vocabulary sorted by count), with ``hashed`` ids it goes through a fixed random
+    permutation per field (hot ids scattered). The permutations are drawn either way, so
+    one seed gives the same dense features and labels under both layouts: only the ids
+    differ, by a per-field bijection. Dense feature ``d`` is ``log1p(floor(exp(mu_d +
+    sigma_d * z_d)))`` with ``z_d`` standard normal: heavy-tailed counts after Criteo's
+    usual log transform. The label is Bernoulli(sigmoid(bias + sum of hidden per-value
+    weights on the first ``hidden_fields`` fields + hidden dense weights . z)), so the
+    achievable AUC is well above 0.5 and a model that learns the hot values' weights and
+    the dense weights gets there quickly.
     """
 
-    def __init__(self, num_fields: int, num_dense: int, rows_per_field: int,
+    def __init__(self, num_fields: int, num_dense: int, layout: CTRLayout | int,
                  zipf_alpha: float, seed: int, hidden_fields: int = 6) -> None:
-        self.num_fields, self.num_dense, self.rows = num_fields, num_dense, rows_per_field
+        lay = as_layout(num_fields, layout)
+        self.layout, self.num_fields, self.num_dense = lay, num_fields, num_dense
+        self.sizes = np.asarray(lay.field_rows, dtype=np.int64)
+        self.offsets = lay.offsets
         self.base = int(splitmix64(np.array([seed & _MASK64], dtype=_U64))[0])
         rng = _rng(0x5EED, seed)
-        p = np.arange(1, rows_per_field + 1, dtype=np.float64) ** -zipf_alpha
-        self.cdf = np.cumsum(p) / p.sum()
-        self.perm = np.stack([rng.permutation(rows_per_field) for _ in range(num_fields)])
+        # One concatenated CDF, field f's shifted up by f, so a single searchsorted of
+        # (u + f) finds every field's rank at once.
+        self.cdf = np.concatenate([_zipf_cdf(int(s), zipf_alpha) + f
+                                   for f, s in enumerate(self.sizes)])
+        perm = np.concatenate([rng.permutation(int(s)) for s in self.sizes])
+        self.perm = perm if lay.ids == "hashed" else None
         self.mu = rng.uniform(0.0, 3.0, num_dense)
         self.sigma = rng.uniform(0.5, 1.5, num_dense)
         self.hidden = np.arange(min(hidden_fields, num_fields))
-        self.id_weight = rng.normal(0.0, 0.7, (len(self.hidden), rows_per_field))
+        hsizes = self.sizes[self.hidden]
+        self.hidden_offsets = np.concatenate([[0], np.cumsum(hsizes)[:-1]]).astype(np.int64)
+        self.id_weight = rng.normal(0.0, 0.7, int(hsizes.sum()))  # per (hidden field, rank)
         self.dense_weight = rng.normal(0.0, 0.4, num_dense)
         self.bias = -1.0  # ~30% positives
         # Counter layout: per sample, one uint64 for each field, two per dense feature
@@ -92,15 +107,33 @@ class SyntheticCTR:
             ctr = (idx.astype(_U64)[:, None] * _U64(self.n_streams)
                    + np.arange(self.n_streams, dtype=_U64) + _U64(self.base))
         u = _uniform(splitmix64(ctr))  # [B, n_streams]
-        ranks = np.minimum(np.searchsorted(self.cdf, u[:, :f]), self.rows - 1)
-        cats = self.perm[np.arange(f), ranks]  # field j's rank -> its permuted row
+        pos = np.searchsorted(self.cdf, u[:, :f] + np.arange(f)) - self.offsets
+        ranks = np.minimum(pos, self.sizes - 1)  # [B, F] 0 = the field's hottest value
+        cats = ranks if self.perm is None else self.perm[self.offsets + ranks]
         u1, u2 = u[:, f:f + d], u[:, f + d:f + 2 * d]
         z = np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * np.pi * u2)
         dense = np.log1p(np.floor(np.exp(self.mu + self.sigma * z)))
-        logit = (self.bias + z @ self.dense_weight
-                 + self.id_weight[np.arange(len(self.hidden)), cats[:, self.hidden]].sum(1))
+        hidden = self.id_weight[self.hidden_offsets + ranks[:, self.hidden]].sum(1)
+        logit = self.bias + z @ self.dense_weight + hidden
         labels = (u[:, -1] < 1.0 / (1.0 + np.exp(-logit))).astype(np.float32)
         return _batch(dense, cats, labels)
+
+
+def _zipf_cdf(n: int, alpha: float) -> np.ndarray:
+    p = np.arange(1, n + 1, dtype=np.float64) ** -alpha
+    return np.cumsum(p) / p.sum()
+
+
+def as_layout(num_fields: int, layout: CTRLayout | int) -> CTRLayout:
+    """``layout`` itself (checked against ``num_fields``), or for an int the foundation's
+    layout: that many rows per field, hashed ids."""
+    if isinstance(layout, CTRLayout):
+        if layout.num_fields != num_fields:
+            raise ValueError(f"a layout of {layout.num_fields} fields for {num_fields} fields")
+        return layout
+    if int(layout) < 1:
+        raise ValueError(f"rows_per_field={layout} must be >= 1")
+    return CTRLayout((int(layout),) * num_fields, "hashed")
 
 
 # --- Criteo TSV -------------------------------------------------------------------------------
@@ -112,7 +145,7 @@ class CTRArrays:
     dense: np.ndarray
     """float32 [N, num_dense], already log(1+x)-transformed."""
     cats: np.ndarray
-    """int64 [N, num_fields] of per-field rows in ``[0, rows_per_field)``."""
+    """int64 [N, num_fields] of per-field ids, field ``f``'s in ``[0, field_rows[f])``."""
     labels: np.ndarray
     """float32 [N] of 0/1."""
 
@@ -126,14 +159,15 @@ class CTRArrays:
 _MISSING = _MASK64  # raw value of an empty category (hashes to its own row per field)
 
 
-def hash_categories(raw: np.ndarray, rows_per_field: int) -> np.ndarray:
-    """Map raw uint64 category values [N, F] to rows: ``mix(value ^ salt(field)) % rows``.
+def hash_categories(raw: np.ndarray, field_rows: int | tuple[int, ...]) -> np.ndarray:
+    """Map raw uint64 category values [N, F] to per-field ids: ``mix(value ^ salt(field)) %
+    rows`` (``field_rows``: one size for every field, or one per field).
 
     The per-field salt keeps a value shared by two fields from landing on the same row
     pattern in both; splitmix64 makes it stable across processes and runs.
     """
     salts = splitmix64(np.arange(raw.shape[1], dtype=_U64) + _U64(_CATS_STREAM))
-    return (splitmix64(raw ^ salts) % _U64(rows_per_field)).astype(np.int64)
+    return (splitmix64(raw ^ salts) % np.asarray(field_rows, dtype=_U64)).astype(np.int64)
 
 
 def _parse_line(line: str, num_dense: int, num_fields: int) -> tuple[float, list[int], list[int]]:
@@ -153,14 +187,18 @@ def _parse_line(line: str, num_dense: int, num_fields: int) -> tuple[float, list
     return float(cols[0]), ints, cats
 
 
-def read_criteo(files: list[Path], num_dense: int, num_fields: int, rows_per_field: int,
+def read_criteo(files: list[Path], num_dense: int, num_fields: int, layout: CTRLayout | int,
                 on_error: str = "skip",
-                report: Callable[[str], None] | None = log.warning) -> CTRArrays:
+                report: Callable[[str], None] | None = log.warning,
+                vocab_min_count: int = 2) -> CTRArrays:
     """Read Criteo-format TSV rows: ``label \\t num_dense ints \\t num_fields hex values``.
 
-    Empty or negative ints become 0, the rest ``log(1 + x)``; categories are hashed into
-    ``rows_per_field`` rows (empty ones to a per-field "missing" row). A bad row is reported
-    as ``file:line`` and skipped, or raises ``DataError`` when ``on_error == "fail"``.
+    Empty or negative ints become 0, the rest ``log(1 + x)``. Categories (an empty one is a
+    value of its own, "missing") become per-field ids by ``layout`` (an int: that many rows
+    per field, hashed): hashed, or with ``frequency`` ids through a vocabulary counted over
+    these rows (``criteo_vocab``: values seen fewer than ``vocab_min_count`` times share the
+    field's last row). A bad row is reported as ``file:line`` and skipped, or raises
+    ``DataError`` when ``on_error == "fail"``.
     """
     labels: list[float] = []
     ints: list[list[int]] = []
@@ -186,7 +224,13 @@ def read_criteo(files: list[Path], num_dense: int, num_fields: int, rows_per_fie
     if not labels:
         raise DataError(f"no valid Criteo rows in {', '.join(map(str, files))}")
     dense = np.log1p(np.asarray(ints, dtype=np.float64)).astype(np.float32)
-    rows = hash_categories(np.asarray(cats, dtype=_U64), rows_per_field)
+    lay = as_layout(num_fields, layout)
+    raw = np.asarray(cats, dtype=_U64)
+    if lay.ids == "frequency":
+        rows = vocab_from_counts(count_values([raw]), lay.field_rows,
+                                 vocab_min_count).apply(raw)
+    else:
+        rows = hash_categories(raw, lay.field_rows)
     return CTRArrays(dense, rows, np.asarray(labels, dtype=np.float32))
 
 

@@ -36,6 +36,7 @@ from zentrain.data.criteo_index import CriteoIndex, CriteoRows, prepare_criteo_i
 from zentrain.data.ctr import SyntheticCTR
 from zentrain.data.plan import mix_key
 from zentrain.data.tokens import TextSource, TokenFile, prepare_token_streams
+from zentrain.models.ctr_layout import CTRLayout, build_ctr_layout
 
 TEXT_FORMATS = ("auto", "txt", "jsonl", "parquet", "bin")
 CTR_FORMATS = ("auto", "criteo", "synthetic")
@@ -92,17 +93,17 @@ class CriteoRecipe:
     index: CriteoIndex
     num_dense: int
     num_fields: int
-    rows_per_field: int
+    layout: CTRLayout
 
     def open(self) -> CriteoRows:
-        return CriteoRows(self.index, self.num_dense, self.num_fields, self.rows_per_field)
+        return CriteoRows(self.index, self.num_dense, self.num_fields, self.layout)
 
 
 @dataclass(frozen=True)
 class SyntheticRecipe:
     num_fields: int
     num_dense: int
-    rows_per_field: int
+    layout: CTRLayout
     zipf_alpha: float
     seed: int
 
@@ -112,7 +113,7 @@ class SyntheticRecipe:
 
 class SyntheticRows:
     def __init__(self, r: SyntheticRecipe) -> None:
-        self.gen = SyntheticCTR(r.num_fields, r.num_dense, r.rows_per_field, r.zipf_alpha, r.seed)
+        self.gen = SyntheticCTR(r.num_fields, r.num_dense, r.layout, r.zipf_alpha, r.seed)
 
     def take(self, idx: np.ndarray) -> dict[str, np.ndarray]:
         return {k: v.numpy() for k, v in self.gen.take(np.asarray(idx, np.int64)).items()}
@@ -207,7 +208,7 @@ def resolve_sources(cfg: Config, is_builder: bool) -> Resolved:
     for i, (sc, fs, fmt, name) in enumerate(zip(configs, files, fmts, names)):
         if fmt == "synthetic":
             seed = cfg.train.seed if i == 0 else mix_key(cfg.train.seed, i)
-            r: Any = SyntheticRecipe(mc.num_fields, mc.num_dense, mc.rows_per_field,
+            r: Any = SyntheticRecipe(mc.num_fields, mc.num_dense, build_ctr_layout(mc),
                                      dc.zipf_alpha, seed)
             n_train = dc.synthetic_samples
             n_eval = cfg.train.eval_batches * cfg.train.batch_size if dc.eval_fraction else 0
@@ -216,9 +217,11 @@ def resolve_sources(cfg: Config, is_builder: bool) -> Resolved:
             lines = ReportedLines()
             idx = prepare_criteo_index(fs, mc.num_dense, mc.num_fields, dc.cache_dir,
                                        dc.on_error, is_builder,
-                                       report=lines if is_builder else None)
+                                       report=lines if is_builder else None,
+                                       layout=build_ctr_layout(mc),
+                                       vocab_min_count=dc.vocab_min_count)
             _apply_criteo(idx, name, lines, dc.on_error, is_builder)
-            r = CriteoRecipe(idx, mc.num_dense, mc.num_fields, mc.rows_per_field)
+            r = CriteoRecipe(idx, mc.num_dense, mc.num_fields, build_ctr_layout(mc))
             n_eval = int(idx.n_rows * dc.eval_fraction)
             n_train = idx.n_rows - n_eval
             what = f"Criteo TSV ({len(fs)} files): {idx.n_rows:,} rows"
