@@ -61,8 +61,8 @@ def test_tiny_loopback_run(tmp_path, cache, capsys):
     (["--steps", "2"], "bad --steps 2"),
     (["--set", "compress.ratio=0.1"], "use --ratio"),
     (["--set", "sync.scheme=dense"], "sync.scheme is set by the benchmark"),
-    (["--ratio", "2"], "compress.ratio=2.0 is invalid"),
-    (["--bits", "1"], "compress.bits=1 is invalid"),
+    (["--ratio", "2"], "compress.ratio must be in (0, 1] (got 2.0)"),
+    (["--bits", "1"], "compress.bits must be in [2, 8] (got 1)"),
     (["--set", "compress.min_numel=100000000"], "--methods topk: compress.method='topk' "
                                                 "matched no parameter"),
 ])
