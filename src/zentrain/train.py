@@ -39,6 +39,7 @@ from zentrain.metrics import (
     print_summary,
     read_step_rows,
 )
+from zentrain.sync import comm
 
 
 class NonFiniteLoss(RuntimeError):
@@ -138,7 +139,7 @@ def _reduce_stats(values: list[float], d: Dist) -> tuple[list[float], list[float
     if d.world_size == 1:
         return values, values
     out = torch.empty(d.world_size * len(values), dtype=torch.float64, device=d.device)
-    dist.all_gather_into_tensor(out, t)
+    comm.all_gather_single(out, t)
     m = out.view(d.world_size, len(values))
     return m.mean(0).tolist(), m.max(0).values.tolist()
 

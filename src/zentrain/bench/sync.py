@@ -44,7 +44,7 @@ import torch
 import torch.distributed as dist
 
 from zentrain.config import ConfigError
-from zentrain.sync import cost
+from zentrain.sync import comm, cost
 from zentrain.sync import profile as prof
 from zentrain.sync.comm import ByteCounter
 from zentrain.sync.reducers import build_reducer
@@ -146,7 +146,7 @@ def _calls(rank: int, spec: dict[str, Any]) -> list[tuple[int, int, torch.Tensor
 def _facts(idx: torch.Tensor, num_rows: int, width: int, world: int) -> dict[str, Any]:
     """Exact workload figures from every rank's rows (uncounted side collectives)."""
     nnz = torch.empty(world, dtype=torch.int64)
-    dist.all_gather_into_tensor(nnz, torch.tensor([idx.numel()]))
+    comm.all_gather_single(nnz, torch.tensor([idx.numel()]))
     owners = torch.zeros(num_rows, dtype=torch.int32)   # bit r set: rank r has the row
     owners[idx] = 1 << dist.get_rank()
     dist.all_reduce(owners)

@@ -37,6 +37,11 @@ class ByteCounter:
         return self.sent, self.recv
 
 
+# torch 2.13 renamed all_gather_into_tensor to all_gather_single and warns on the old name;
+# older torch (2.11 on the GPU machine, docs/gpu.md) has only the old one.
+all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
 def nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
@@ -75,7 +80,7 @@ def all_gather(
         return
     b = nbytes(inp) * (n - 1)
     counter.add(b, b)
-    dist.all_gather_into_tensor(out, inp.contiguous(), group=group)
+    all_gather_single(out, inp.contiguous(), group=group)
 
 
 def all_to_all(
