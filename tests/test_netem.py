@@ -228,3 +228,32 @@ def test_signalled_owner_cleans_up_before_dying(sig, clean):
     assert _gone(worker)
     if sig == signal.SIGTERM:
         assert owner.returncode == -signal.SIGTERM  # the default action ran after cleanup
+
+
+# -- zentrain run --emulate-bandwidth: a whole training run in the cluster -----------------------
+@needs_netem
+@pytest.mark.slow
+def test_run_with_emulated_bandwidth_trains_in_namespaces(tmp_path, clean):
+    import json
+
+    small = ["--set", "data.max_bytes=800000", "--set", "model.vocab_size=512",
+             "--set", "model.n_layer=1", "--set", "model.d_model=32", "--set", "model.n_head=2",
+             "--set", "model.seq_len=32", "--set", "train.batch_size=4",
+             "--set", "train.eval_batches=1", "--set", f"data.cache_dir={tmp_path / 'c'}"]
+    cmd = [sys.executable, "-m", "zentrain.cli", "run", "--nproc", "2", "--emulate-bandwidth",
+           "200mbit", "--set", "train.steps=3", "--set", "sync.scheme=zen", *small,
+           "--run-dir", str(tmp_path / "out")]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    rows = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    steps = [x for x in rows if "loss" in x]
+    assert [x["step"] for x in steps] == [1, 2, 3]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 3
+    assert steps[-1]["sync_bytes_sent"] > 0
+    # --port has no meaning there, and --resume needs a checkpoint: one-line errors, no cluster.
+    for extra, msg in ((["--port", "29999"], "picks its own rendezvous address"),
+                       (["--resume", "--run-dir", str(tmp_path / "none")], "no committed")):
+        r = subprocess.run(cmd[:8] + extra, capture_output=True, text=True,
+                           timeout=120)
+        assert r.returncode == 2 and msg in r.stderr and r.stderr.count("\n") == 1, r.stderr

@@ -60,17 +60,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir) if args.run_dir else train.default_run_dir(cfg)
     train_args = ([args.config] if args.config else []) + [
         a for o in overrides for a in ("--set", o)] + ["--run-dir", str(run_dir)]
+    if launch.inside_torchrun() and args.nodes == 1 and args.emulate_bandwidth is None:
+        return train.main(train_args)
+    if args.resume and not (run_dir / "checkpoints" / "latest").is_file():
+        raise ConfigError(f"--resume: no committed checkpoint in {run_dir}/checkpoints "
+                          "(pass the --run-dir of an earlier run)")
     if args.nodes > 1:
         return _run_nodes(args, cfg, run_dir, train_args)
     if args.emulate_bandwidth is not None:
         from zentrain.bench.cluster import run_emulated
 
+        if args.port is not None:
+            raise ConfigError(f"--port {args.port} with --emulate-bandwidth: the emulated "
+                              "cluster picks its own rendezvous address (omit --port)")
         return run_emulated(train_args, cfg, run_dir, args.emulate_bandwidth)
-    if launch.inside_torchrun():
-        return train.main(train_args)
-    if args.resume and not (run_dir / "checkpoints" / "latest").is_file():
-        raise ConfigError(f"--resume: no committed checkpoint in {run_dir}/checkpoints "
-                          "(pass the --run-dir of an earlier run)")
     from zentrain import nodes
     from zentrain.zygote import Zygote
 
@@ -102,9 +105,6 @@ def _run_nodes(args: argparse.Namespace, cfg, run_dir: Path, train_args: list[st
 
     if launch.inside_torchrun():
         raise ConfigError("--nodes starts its own elastic agents; run it outside torchrun")
-    if args.resume and not (run_dir / "checkpoints" / "latest").is_file():
-        raise ConfigError(f"--resume: no committed checkpoint in {run_dir}/checkpoints "
-                          "(pass the --run-dir of an earlier run)")
     launch.prepare_data(cfg, args.nodes * cfg.parallel.nproc)
     return run_nodes(train_args, cfg, run_dir, args.nodes, cfg.parallel.nproc,
                      loopback=args.loopback, rate=args.emulate_bandwidth)
