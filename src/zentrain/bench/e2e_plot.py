@@ -84,7 +84,11 @@ def _sweep(plt: Any, result: dict[str, Any]) -> Any:
     systems = result["config"]["systems"]
     for ax, (kind, fixed) in zip(axes[0], panels):
         if kind == "bandwidth":
-            sel = [p for p in points if p["world"] == fixed]
+            # By link rate, slowest first, whatever order the command listed them in;
+            # loopback (no shaping, bits None) is the fastest.
+            sel = sorted((p for p in points if p["world"] == fixed),
+                         key=lambda p: float("inf") if p.get("bandwidth_bits") is None
+                         else p["bandwidth_bits"])
             xs = list(range(len(sel)))
             ax.set_xticks(xs, [p["bandwidth"] for p in sel])
             ax.set_xlabel("link bandwidth")
