@@ -42,3 +42,24 @@ def test_report_page_has_the_recovery_section(tmp_path):
     text = md.read_text()
     assert "## Failure recovery" in text and "9/10" in text and "**no**" in text
     assert "| detect | stop |" in text
+
+
+def test_steps_lost_reason_names_the_trials_and_their_source():
+    from pathlib import Path
+
+    from zentrain.bench.chaos_report import check_chaos_targets
+
+    trials = [{"trial": 0, "steps_lost": 1, "last_done": 6, "restored_step": 5,
+               "source": "memory-peer1"},
+              {"trial": 1, "steps_lost": 2, "last_done": 11, "restored_step": 9,
+               "source": "memory-peer0"}]
+    data = {"kill": "node", "trials": trials,
+            "summary": {"trials": 2, "steps_lost_max": 2, "bit_identical": 2}}
+    (lost,) = [c for c in check_chaos_targets(Path("n.json"), data) if "lost" in c["target"]]
+    assert lost["met"] is False
+    assert "1 of 2 trials" in lost["reason"] and "trial 1: killed after step 11, restored 9" \
+        in lost["reason"] and "peer's replicas" in lost["reason"]
+    trials[1].update(steps_lost=1, restored_step=10)
+    data["summary"]["steps_lost_max"] = 1
+    (lost,) = [c for c in check_chaos_targets(Path("n.json"), data) if "lost" in c["target"]]
+    assert lost["met"] and lost["reason"] is None

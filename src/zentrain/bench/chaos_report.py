@@ -34,7 +34,8 @@ def check_chaos_targets(path: Path, data: dict[str, Any]) -> list[dict[str, Any]
     if kill == "agent" or not s.get("trials"):
         return out
     add("steps lost per failure", f"{s['steps_lost_max']} (max)", "<= 1",
-        s["steps_lost_max"] is not None and s["steps_lost_max"] <= 1)
+        s["steps_lost_max"] is not None and s["steps_lost_max"] <= 1,
+        _lost_why(data["trials"]))
     add("trials bit-identical to the uninterrupted run", f"{s['bit_identical']}/{s['trials']}",
         "all", s["bit_identical"] == s["trials"])
     ratio = s.get("disk_over_memory")
@@ -45,6 +46,26 @@ def check_chaos_targets(path: Path, data: dict[str, Any]) -> list[dict[str, Any]
     if cost is not None:
         add(*cost)
     return out
+
+
+def _lost_why(trials: list[dict[str, Any]]) -> str:
+    """Which trials lost more than one step, and where their restored step came from: the
+    newest step complete on every rank; a step whose shards (or, after a node kill, whose
+    peer replicas) were still on their way when the kill came does not count."""
+    over = [t for t in trials if (t.get("steps_lost") or 0) > 1]
+    if not over:
+        return ""
+    srcs = sorted({str(t.get("source")) for t in over})
+    lost = ", ".join(f"trial {t.get('trial')}: killed after step {t.get('last_done')}, "
+                     f"restored {t.get('restored_step')}" for t in over)
+    why = (f"{len(over)} of {len(trials)} trials lost more than one step ({lost}; from "
+           f"{', '.join(srcs)}): the newest step complete on every rank was older than the "
+           "last one done")
+    if all(src.startswith("memory-peer") for src in srcs):
+        why += (": the dead node's shards survive only as its peer's replicas, and the "
+                "replicas of the steps after the restored one were still on their way (the "
+                "relay pauses during backward and runs on the cores that train)")
+    return why
 
 
 def _pair_spread(s: dict[str, Any]) -> str:
