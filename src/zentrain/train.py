@@ -315,10 +315,6 @@ class Trainer:
         dist.all_gather_object(digests, digest)
         return len(set(digests)) == 1
 
-    def save(self) -> None:
-        persistent.save(self.run_dir, self.step, self.model, self.optim,
-                        {"step": torch.tensor(self.step), "data": self.data.state_dict()})
-
     def _summary(self, hist, eval_out, start_step, wall) -> dict[str, Any]:
         # After a restart or --resume, the steps before it are in metrics.jsonl (rank 0's).
         rows = (read_step_rows(self.run_dir, start_step) if self.is_main and start_step
