@@ -119,6 +119,10 @@ def test_check_targets_names_the_differences_from_the_issue():
     assert topk_bytes["setting"] == ["steps 50 (issue: 500)"]
     assert got["PowerSGD rank 4: final loss within 3% of none"]["met"] is None
     assert got["best method: time-to-target >= 2x better than ddp"]["met"] is False
+    res["config"]["overrides"] = ["compress.error_feedback=false"]
+    got = {t["target"]: t for t in bc.check_targets(res)}
+    assert got["top-k 1% + EF + zen: <= 1/20 of none's bytes"]["setting"] == [
+        "steps 50 (issue: 500)", "--set compress.error_feedback=false"]
 
 
 def test_json_keeps_curves_compact(tmp_path):

@@ -303,12 +303,13 @@ def check_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
     """Each target the result measures, with the figure; ``setting`` names any way this run
     differs from the issue's (GPT debug config, 4 ranks, 1 Gbit/s, 500 steps)."""
     c = result["config"]
-    diffs = [f"{k} {c[k]} (issue: {v})" for k, v in (("workload", "gpt"), ("world", 4),
+    diffs = [f"{k} {c.get(k)} (issue: {v})" for k, v in (("workload", "gpt"), ("world", 4),
                                                       ("bandwidth", "1gbit"), ("steps", 500))
-             if c[k] != v]
+             if c.get(k, v) != v]
+    diffs += [f"--set {o}" for o in c.get("overrides") or []]  # e.g. error feedback off
     out = []
     for text, method, key, bound, op in TARGETS:
-        name = result["best"] if method == "best" else method
+        name = result.get("best") if method == "best" else method
         s = result["methods"].get(name or "", {})
         v = s.get(key)
         if name is None or v is None:

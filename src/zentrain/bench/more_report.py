@@ -118,7 +118,8 @@ def render_compress_section(results: Results, rel: Any, md_table: Any) -> list[s
         lines += md_table(["target", "method", "measured", "required", "met", "differs from "
                            "the issue's setting"],
                           [[t["target"], f"`{t['method']}`", _r(t.get("measured")),
-                            _r(t.get("required"), "{:g}"), "yes" if t["met"] else "**no**",
+                            _r(t.get("required"), "{:g}"), "yes" if t["met"] else
+                            "not measured" if t.get("measured") is None else "**no**",
                             "; ".join(t.get("setting") or []) or "–"]
                            for t in d["targets"]]) + [""]
     return lines
