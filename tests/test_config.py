@@ -110,7 +110,8 @@ def test_range_boundaries_are_accepted():
 
 def test_every_numeric_field_has_a_range():
     """A numeric field added without an entry in RANGES would go unchecked."""
-    from zentrain.config import RANGES, SourceConfig, numeric_fields
+    from zentrain.config import SourceConfig
+    from zentrain.config_ranges import RANGES, numeric_fields
 
     cfg = Config()
     cfg.data.sources = [SourceConfig()]  # so the walk reaches the per-source fields
