@@ -57,12 +57,12 @@ def cluster():
         assert not glob.glob(f"{h.cfg.shm_root}/zentrain-{h.cfg.job}-*"), "shm left behind"
 
 
-def clients(hs, local_world, ranks=None):
+def clients(hs, local_world, ranks=None, **kw):
     """Worker-side clients for ``ranks`` (default: all), ``local_world`` ranks per node."""
     addrs = [h.addr for h in hs]
     world = len(hs) * local_world
     return [MemoryCheckpointer(MemoryConfig(hs[0].cfg.job, addrs, node=r // local_world,
-                                            chunk_bytes=64 << 10), r, world)
+                                            chunk_bytes=64 << 10, **kw), r, world)
             for r in (range(world) if ranks is None else ranks)]
 
 
@@ -342,7 +342,7 @@ def test_step_commits_only_when_replicas_are_acked(cluster):
     # Replica traffic throttled to a trickle: both workers' shards are stored locally
     # right away, but no node can prepare, so nothing is committed or loadable.
     hs = cluster(2, local_world=1, forward_bytes_per_s=10_000)
-    cks = clients(hs, 1)
+    cks = clients(hs, 1, wait_replicas=False)
     save_steps(cks, [1])
     time.sleep(0.5)
     for h, ck in zip(hs, cks):
@@ -350,6 +350,26 @@ def test_step_commits_only_when_replicas_are_acked(cluster):
         assert s["committed"] == [] and [ck.rank, 1, ck.cfg.node] in s["shards"]
         assert s["prepared"] == {}  # not even this node's own vote without replica acks
         assert ck.load_latest() is None
+        ck.close()
+
+
+def test_a_save_ends_only_once_its_replicas_are_on_the_peers(cluster):
+    # The relay is throttled (8 MB at 40 MB/s: ~0.2 s), so a save that ended at the local
+    # handoff would be reported done before the peer held its replica.
+    hs = cluster(2, local_world=1, forward_bytes_per_s=40e6)
+    cks = clients(hs, 1)
+    for ck in cks:
+        ck.save_async(1, state_for(ck.rank, 1, n=2_000_000))
+    for ck in cks:
+        st = ck.wait(timeout=60)
+        assert st.ok and st.replicated is True and st.replica_s > 0.05
+        peer = hs[1 - ck.cfg.node].status()["shards"]
+        assert [ck.rank, 1, ck.cfg.node] in peer
+    hs[1].kill()  # the only replica holder is gone: the next save must not hang on it
+    st = cks[0].save_async(2, state_for(0, 2))
+    assert cks[0].wait(timeout=60) is st and st.ok and st.replicated is False
+    assert st.replica_s < 5
+    for ck in cks:
         ck.close()
 
 

@@ -152,6 +152,7 @@ class Agent:
         self.cfg, self.listener = cfg, listener
         self.placement = Placement(cfg.nodes, cfg.m)
         self.lock = threading.Lock()
+        self.acked = threading.Condition(self.lock)      # notified on every replica ack
         self.shards: dict[tuple[int, int], Shard] = {}   # complete, verified
         self.receiving: set[Shard] = set()
         self.local_done: dict[int, set[int]] = {}        # step -> own ranks complete
@@ -248,6 +249,32 @@ class Agent:
                 "prepared": {str(k): sorted(v) for k, v in self.prepared.items()},
                 "bytes": sum(s.nbytes for s in self.shards.values())}
         send_msg(conn, reply)
+
+    def _op_replicated(self, conn: socket.socket, msg: dict[str, Any]) -> None:
+        """Reply once every replica holder has acked this node's shard of ``rank`` at
+        ``step`` (or ``timeout`` s passed, or the shard was dropped, or every holder still
+        missing is down). A worker asks before its next save, so at any moment at most its
+        newest step lacks replicas: losing the node then costs at most one step."""
+        rank, step = int(msg["rank"]), int(msg["step"])
+        deadline = time.monotonic() + min(float(msg.get("timeout", 10.0)),
+                                          0.9 * self.cfg.timeout_s)
+        holders = self.placement.replicas_of(self.cfg.node)
+
+        def missing() -> list[int]:
+            acks = self.acks.get(step, {})
+            return [p for p in holders if rank not in acks.get(p, set())]
+
+        with self.acked:
+            while True:
+                left = missing()
+                if (not left or (rank, step) not in self.shards or self.stopping.is_set()
+                        or all(self.links[p].down_since is not None for p in left)):
+                    break
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self.acked.wait(min(remaining, 0.05))
+        send_msg(conn, {"ok": True, "replicated": not left, "missing": left})
 
     def _op_prepared(self, conn: socket.socket, msg: dict[str, Any]) -> None:
         with self.lock:
@@ -431,6 +458,7 @@ class Agent:
 
     def _on_ack(self, peer: int, rank: int, step: int) -> None:
         self.acks.setdefault(step, {}).setdefault(peer, set()).add(rank)
+        self.acked.notify_all()
         self._maybe_prepare(step)
 
     def _on_prepared(self, node: int, step: int) -> None:

@@ -79,6 +79,11 @@ class MemoryConfig:
     """When this node's agent directory is visible here (it always is on a node), snapshot
     straight into a file there and hand it over (``adopt``), and read it back in place on
     load: no bytes cross a socket on this node."""
+    wait_replicas: bool = True
+    """After handing a save to the local agent, wait (in the background thread) until its
+    replicas are on the peer holders before the next save may start: a lost node then
+    costs at most one step. The training thread feels it only when the relay is slower
+    than a step, as ``blocked_s`` of the next save."""
 
 
 @dataclass
@@ -103,6 +108,10 @@ class SaveStats:
     background_s: float = 0.0
     """Background thread: CRCs and transfer, pauses included."""
     paused_s: float = 0.0
+    replica_s: float = 0.0
+    """Background thread waited for the peers to ack this save's replicas."""
+    replicated: bool | None = None
+    """Every replica holder acked it (None: no replicas expected or not asked)."""
     handoff: str = ""
     """How the bytes reached the local agent: ``adopt`` (a file in its directory) or
     ``stream`` (TCP)."""
@@ -420,6 +429,7 @@ class MemoryCheckpointer(MemoryLoader):
                     st.handoff = "stream"
                     self._send(flat, st)
                 st.ok = True
+                self._wait_replicated(st)
             except Exception as e:  # noqa: BLE001 - reported; training must go on
                 st.error = f"{type(e).__name__}: {e}"
             st.background_s = time.perf_counter() - t0
@@ -443,6 +453,22 @@ class MemoryCheckpointer(MemoryLoader):
         st.copy_s += time.perf_counter() - t0
         st.copy_cpu_s += time.thread_time() - c0
         return fill
+
+    def _wait_replicated(self, st: SaveStats) -> None:
+        """Hold this save open until the local agent's peers hold its replicas (see
+        ``MemoryConfig.wait_replicas``); a dead or slow peer never fails the save."""
+        if not self.cfg.wait_replicas or not self.placement.replicas_of(self.cfg.node):
+            return
+        t0 = time.perf_counter()
+        try:
+            reply = request(self.cfg.agents[self.cfg.node],
+                            {"op": "replicated", "job": self.cfg.job, "rank": self.rank,
+                             "step": st.step, "timeout": self.cfg.timeout_s / 2},
+                            self.cfg.timeout_s)
+            st.replicated = bool(reply.get("replicated"))
+        except (OSError, ProtocolError):
+            st.replicated = False
+        st.replica_s = time.perf_counter() - t0
 
     def _send(self, flat: serialize.Flat, st: SaveStats) -> None:
         assert self._buf is not None
