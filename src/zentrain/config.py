@@ -210,11 +210,11 @@ class CheckpointConfig:
     (bytes/s; 0: unthrottled)."""
     pause_in_sync: bool = True
     """Hold in-memory checkpoint traffic while backward and the gradient sync run."""
-    wait_replicas: bool = True
-    """Start an in-memory save only once the previous one's replicas are on the peer nodes
-    (with more than one node): a lost node then costs at most one step. When the relay is
-    slower than a step the wait shows as ``ckpt_blocked_s``; false: never wait (a lost node
-    may cost more steps)."""
+    wait_commit: bool = True
+    """With more than one node, start an in-memory save only once the previous step is
+    committed (every node's shards and replicas in place): a lost node then costs at most
+    one step. When that takes longer than a step the wait shows as ``ckpt_blocked_s``;
+    false: never wait (a lost node may cost more steps)."""
 
 
 @dataclass

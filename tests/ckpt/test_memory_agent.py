@@ -175,7 +175,7 @@ def test_worker_killed_before_its_local_handoff_never_commits(cluster):
                              ",".join(h.addr for h in hs)], stdout=subprocess.PIPE, text=True,
                             env=dict(os.environ, OMP_NUM_THREADS="1"))
     try:
-        (rank1,) = clients(hs, 1, ranks=[1])
+        (rank1,) = clients(hs, 1, ranks=[1], wait_commit=False)  # runs ahead of rank 0
         save_steps([rank1], [1, 2, 3])
         assert proc.stdout.readline().strip() == "filled"
         assert list(hs[0].cfg.dir.glob("fill-r0-*"))
@@ -242,7 +242,7 @@ def test_worker_killed_mid_transfer_never_commits_its_torn_step(cluster):
     proc = subprocess.Popen([sys.executable, "-c", WORKER, hs[0].cfg.job,
                              ",".join(h.addr for h in hs), str(big)], env=env)
     try:
-        (rank1,) = clients(hs, 1, ranks=[1])
+        (rank1,) = clients(hs, 1, ranks=[1], wait_commit=False)  # runs ahead of rank 0
         save_steps([rank1], [1, 2, 3])
 
         def mid_transfer():
@@ -342,7 +342,7 @@ def test_step_commits_only_when_replicas_are_acked(cluster):
     # Replica traffic throttled to a trickle: both workers' shards are stored locally
     # right away, but no node can prepare, so nothing is committed or loadable.
     hs = cluster(2, local_world=1, forward_bytes_per_s=10_000)
-    cks = clients(hs, 1, wait_replicas=False)
+    cks = clients(hs, 1, wait_commit=False)
     save_steps(cks, [1])
     time.sleep(0.5)
     for h, ck in zip(hs, cks):
@@ -353,24 +353,37 @@ def test_step_commits_only_when_replicas_are_acked(cluster):
         ck.close()
 
 
-def test_a_save_ends_only_once_its_replicas_are_on_the_peers(cluster):
+def test_a_save_ends_only_once_its_step_is_committed_on_every_node(cluster):
     # The relay is throttled (8 MB at 40 MB/s: ~0.2 s), so a save that ended at the local
-    # handoff would be reported done before the peer held its replica.
+    # handoff would be reported done before the peers held its replica.
     hs = cluster(2, local_world=1, forward_bytes_per_s=40e6)
     cks = clients(hs, 1)
     for ck in cks:
         ck.save_async(1, state_for(ck.rank, 1, n=2_000_000))
     for ck in cks:
         st = ck.wait(timeout=60)
-        assert st.ok and st.replicated is True and st.replica_s > 0.05
-        peer = hs[1 - ck.cfg.node].status()["shards"]
-        assert [ck.rank, 1, ck.cfg.node] in peer
-    hs[1].kill()  # the only replica holder is gone: the next save must not hang on it
+        assert st.ok and st.committed is True and st.commit_s > 0.05
+        assert hs[ck.cfg.node].status()["committed"] == [1]
+        assert [ck.rank, 1, ck.cfg.node] in hs[1 - ck.cfg.node].status()["shards"]
+    hs[1].kill()  # the other node is gone: the next save must not hang on its commit
     st = cks[0].save_async(2, state_for(0, 2))
-    assert cks[0].wait(timeout=60) is st and st.ok and st.replicated is False
-    assert st.replica_s < 5
+    assert cks[0].wait(timeout=60) is st and st.ok and st.committed is False
+    assert st.commit_s < 4
     for ck in cks:
         ck.close()
+
+
+def test_a_step_that_cannot_commit_slows_one_save_not_every_save(cluster, monkeypatch):
+    from zentrain.ckpt import memory
+    monkeypatch.setattr(memory, "COMMIT_WAIT_S", 0.5)
+    hs = cluster(2, local_world=1)
+    ck = clients(hs, 1, ranks=[0])[0]  # node 1's worker never saves: nothing commits
+    save_steps([ck], [1])
+    first = ck.history[-1]
+    assert first.ok and first.committed is False and 0.4 < first.commit_s < 3
+    save_steps([ck], [2, 3])
+    assert [s.committed for s in list(ck.history)[-2:]] == [None, None]
+    ck.close()
 
 
 def test_paused_holds_traffic_until_the_window_closes(cluster):

@@ -152,7 +152,7 @@ class Agent:
         self.cfg, self.listener = cfg, listener
         self.placement = Placement(cfg.nodes, cfg.m)
         self.lock = threading.Lock()
-        self.acked = threading.Condition(self.lock)      # notified on every replica ack
+        self.acked = threading.Condition(self.lock)      # notified on acks and commits
         self.shards: dict[tuple[int, int], Shard] = {}   # complete, verified
         self.receiving: set[Shard] = set()
         self.local_done: dict[int, set[int]] = {}        # step -> own ranks complete
@@ -250,31 +250,26 @@ class Agent:
                 "bytes": sum(s.nbytes for s in self.shards.values())}
         send_msg(conn, reply)
 
-    def _op_replicated(self, conn: socket.socket, msg: dict[str, Any]) -> None:
-        """Reply once every replica holder has acked this node's shard of ``rank`` at
-        ``step`` (or ``timeout`` s passed, or the shard was dropped, or every holder still
-        missing is down). A worker asks before its next save, so at any moment at most its
-        newest step lacks replicas: losing the node then costs at most one step."""
+    def _op_await_commit(self, conn: socket.socket, msg: dict[str, Any]) -> None:
+        """Reply once ``step`` (or a newer one) is committed here, i.e. every node's shards
+        and their replicas are in place; or at ``timeout`` s; or at once when that can no
+        longer happen (this rank's shard was dropped, a peer's link is down). A worker asks
+        before its next save, so at any moment only its newest step can be uncommitted:
+        losing a node, whichever, then costs at most one step."""
         rank, step = int(msg["rank"]), int(msg["step"])
         deadline = time.monotonic() + min(float(msg.get("timeout", 10.0)),
                                           0.9 * self.cfg.timeout_s)
-        holders = self.placement.replicas_of(self.cfg.node)
-
-        def missing() -> list[int]:
-            acks = self.acks.get(step, {})
-            return [p for p in holders if rank not in acks.get(p, set())]
-
         with self.acked:
             while True:
-                left = missing()
-                if (not left or (rank, step) not in self.shards or self.stopping.is_set()
-                        or all(self.links[p].down_since is not None for p in left)):
+                done = bool(self.committed) and self.committed[-1] >= step
+                if (done or (rank, step) not in self.shards or self.stopping.is_set()
+                        or any(link.down_since is not None for link in self.links.values())):
                     break
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
                 self.acked.wait(min(remaining, 0.05))
-        send_msg(conn, {"ok": True, "replicated": not left, "missing": left})
+        send_msg(conn, {"ok": True, "committed": done})
 
     def _op_prepared(self, conn: socket.socket, msg: dict[str, Any]) -> None:
         with self.lock:
@@ -467,6 +462,7 @@ class Agent:
         newest = self.committed[-1] if self.committed else -1
         if len(nodes) == self.cfg.nodes and step > newest:
             self.committed = (self.committed + [step])[-self.cfg.keep_committed:]
+            self.acked.notify_all()
             self._gc()
 
     def _gc(self) -> None:

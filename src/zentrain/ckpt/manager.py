@@ -105,7 +105,7 @@ class CheckpointManager:
         if self.ck.memory_every > 0 and agents:
             mc = MemoryConfig(job=self.job, agents=agents.split(","), node=self.node,
                               m=self.ck.replicas, send_bytes_per_s=self.ck.memory_bytes_per_s,
-                              wait_replicas=self.ck.wait_replicas)
+                              wait_commit=self.ck.wait_commit)
             self.mem = MemoryCheckpointer(mc, d.rank, d.world_size)
         # DCP async_save needs a group of its own (see the module docstring). new_group is
         # collective, so every rank creates it here, in the same order.
@@ -290,9 +290,9 @@ class CheckpointManager:
                            ckpt_send_s=prev.background_s - prev.paused_s - prev.copy_s,
                            ckpt_paused_s=prev.paused_s, ckpt_bytes=prev.nbytes,
                            ckpt_ok=prev.ok, ckpt_cpu_s=prev.cpu_s,
-                           ckpt_copy_cpu_s=prev.copy_cpu_s, ckpt_replica_s=prev.replica_s)
-                if prev.replicated is not None:
-                    out["ckpt_replicated"] = prev.replicated
+                           ckpt_copy_cpu_s=prev.copy_cpu_s, ckpt_commit_s=prev.commit_s)
+                if prev.committed is not None:
+                    out["ckpt_committed"] = prev.committed
         # CPU time of the training thread since the last call: what the checkpoint's
         # background CPU time is compared with (load-independent, unlike wall time).
         cpu = time.thread_time()

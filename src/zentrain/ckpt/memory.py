@@ -52,6 +52,10 @@ from zentrain.ckpt.wire import (
 )
 
 
+COMMIT_WAIT_S = 5.0      # longest wait for a step's commit before the next save
+COMMIT_WAIT_SKIP = 20    # saves that do not wait after a wait timed out
+
+
 def event_device(flat: serialize.Flat) -> torch.device:
     """The CUDA device of a snapshot's tensors (one per rank)."""
     return next(t.device for t in flat.tensors if t.is_cuda)
@@ -79,11 +83,12 @@ class MemoryConfig:
     """When this node's agent directory is visible here (it always is on a node), snapshot
     straight into a file there and hand it over (``adopt``), and read it back in place on
     load: no bytes cross a socket on this node."""
-    wait_replicas: bool = True
-    """After handing a save to the local agent, wait (in the background thread) until its
-    replicas are on the peer holders before the next save may start: a lost node then
-    costs at most one step. The training thread feels it only when the relay is slower
-    than a step, as ``blocked_s`` of the next save."""
+    wait_commit: bool = True
+    """With peer nodes: after handing a save to the local agent, wait (in the background
+    thread) until that step is committed (every node's shards and replicas in place)
+    before the next save may start, so a lost node costs at most one step. The training
+    thread feels it only when that takes longer than a step, as the next save's
+    ``blocked_s``."""
 
 
 @dataclass
@@ -108,10 +113,10 @@ class SaveStats:
     background_s: float = 0.0
     """Background thread: CRCs and transfer, pauses included."""
     paused_s: float = 0.0
-    replica_s: float = 0.0
-    """Background thread waited for the peers to ack this save's replicas."""
-    replicated: bool | None = None
-    """Every replica holder acked it (None: no replicas expected or not asked)."""
+    commit_s: float = 0.0
+    """Background thread waited for this step to be committed (``wait_commit``)."""
+    committed: bool | None = None
+    """The step was committed when the wait ended (None: not waited for)."""
     handoff: str = ""
     """How the bytes reached the local agent: ``adopt`` (a file in its directory) or
     ``stream`` (TCP)."""
@@ -208,6 +213,7 @@ class MemoryCheckpointer(MemoryLoader):
         self._fill: tuple[str, mmap.mmap] | None = None
         self._nfill = 0
         self._maps = FillMaps()
+        self._skip_commit_wait = 0
         self._stream: Any = None     # CUDA side stream of the device-to-host copies
         self._gpu_copy: Any = None   # (event, device) until the training stream waits on it
         # Route CPU state through the staging buffer as CUDA state always goes (pinned
@@ -429,7 +435,7 @@ class MemoryCheckpointer(MemoryLoader):
                     st.handoff = "stream"
                     self._send(flat, st)
                 st.ok = True
-                self._wait_replicated(st)
+                self._wait_commit(st)
             except Exception as e:  # noqa: BLE001 - reported; training must go on
                 st.error = f"{type(e).__name__}: {e}"
             st.background_s = time.perf_counter() - t0
@@ -454,21 +460,30 @@ class MemoryCheckpointer(MemoryLoader):
         st.copy_cpu_s += time.thread_time() - c0
         return fill
 
-    def _wait_replicated(self, st: SaveStats) -> None:
-        """Hold this save open until the local agent's peers hold its replicas (see
-        ``MemoryConfig.wait_replicas``); a dead or slow peer never fails the save."""
-        if not self.cfg.wait_replicas or not self.placement.replicas_of(self.cfg.node):
+    def _wait_commit(self, st: SaveStats) -> None:
+        """Hold this save open until its step is committed (``MemoryConfig.wait_commit``).
+        A dead or slow peer never fails the save; after a wait that timed out, the next
+        ``COMMIT_WAIT_SKIP`` saves do not wait (a broken peer must not slow every step)."""
+        if not self.cfg.wait_commit or not self.placement.replicas_of(self.cfg.node):
+            return
+        if self._skip_commit_wait > 0:
+            self._skip_commit_wait -= 1
             return
         t0 = time.perf_counter()
+        timeout = min(self.cfg.timeout_s / 2, COMMIT_WAIT_S)
         try:
             reply = request(self.cfg.agents[self.cfg.node],
-                            {"op": "replicated", "job": self.cfg.job, "rank": self.rank,
-                             "step": st.step, "timeout": self.cfg.timeout_s / 2},
-                            self.cfg.timeout_s)
-            st.replicated = bool(reply.get("replicated"))
+                            {"op": "await_commit", "job": self.cfg.job, "rank": self.rank,
+                             "step": st.step, "timeout": timeout}, self.cfg.timeout_s)
+            st.committed = bool(reply.get("committed"))
         except (OSError, ProtocolError):
-            st.replicated = False
-        st.replica_s = time.perf_counter() - t0
+            st.committed = False
+        st.commit_s = time.perf_counter() - t0
+        if not st.committed and st.commit_s >= timeout * 0.9:
+            self._skip_commit_wait = COMMIT_WAIT_SKIP
+            print(f"[zentrain ckpt rank {self.rank}] step {st.step} not committed after "
+                  f"{st.commit_s:.1f} s; the next {COMMIT_WAIT_SKIP} saves will not wait "
+                  "for their commit", file=sys.stderr, flush=True)
 
     def _send(self, flat: serialize.Flat, st: SaveStats) -> None:
         assert self._buf is not None
