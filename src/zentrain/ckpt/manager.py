@@ -287,7 +287,8 @@ class CheckpointManager:
             prev = self.mem.history[-1] if self.mem.history else None
             if prev is not None:  # the previous save, finished by now or earlier
                 out.update(ckpt_barrier_s=prev.barrier_s, ckpt_copy_s=prev.copy_s,
-                           ckpt_send_s=prev.background_s - prev.paused_s - prev.copy_s,
+                           ckpt_send_s=(prev.background_s - prev.paused_s - prev.copy_s
+                                        - prev.commit_s),
                            ckpt_paused_s=prev.paused_s, ckpt_bytes=prev.nbytes,
                            ckpt_ok=prev.ok, ckpt_cpu_s=prev.cpu_s,
                            ckpt_copy_cpu_s=prev.copy_cpu_s, ckpt_commit_s=prev.commit_s)

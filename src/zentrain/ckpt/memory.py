@@ -125,7 +125,7 @@ class SaveStats:
 
     @property
     def bytes_per_s(self) -> float:
-        busy = self.background_s - self.paused_s
+        busy = self.background_s - self.paused_s - self.commit_s
         return self.nbytes / busy if busy > 0 else 0.0
 
 
