@@ -47,8 +47,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from zentrain.ckpt.agent import owner_id
 from zentrain.ckpt.launch import term_with_parent
+from zentrain.ckpt.shmdir import owner_id
 
 # The stub the elastic agent runs (``python -u -c STUB SOCKET TRAIN_ARGS...``): stdlib only.
 STUB = r"""

@@ -41,11 +41,9 @@ a single-host launcher use). SIGTERM shuts it down cleanly and removes its direc
 
 from __future__ import annotations
 
-import argparse
 import mmap
 import os
 import shutil
-import signal
 import socket
 import sys
 import threading
@@ -56,19 +54,17 @@ from typing import Any
 
 from zentrain.ckpt import serialize
 from zentrain.ckpt.placement import Placement
+from zentrain.ckpt.relay import PeerLink
+from zentrain.ckpt.shmdir import OWNER_FILE, owner_id, sweep_stale
 from zentrain.ckpt.wire import (
     ProtocolError,
     Throttle,
-    connect,
-    parse_addr,
     recv_exact,
     recv_msg,
-    request,
     send_msg,
 )
 
 WINDOW_FILE = "window"
-OWNER_FILE = "owner"
 WINDOW_BYTES = 4096
 MAX_WINDOW_WAIT_S = 10.0  # a worker that died inside its window must not stall relays forever
 
@@ -516,164 +512,11 @@ class Agent:
         self.window_since = None
 
 
-class PeerLink(threading.Thread):
-    """Sends this agent's replicas and "prepared" notices to one peer, in order."""
-
-    def __init__(self, agent: Agent, peer: int) -> None:
-        super().__init__(daemon=True, name=f"peer-{peer}")
-        self.agent, self.peer = agent, peer
-        self.addr = agent.cfg.peers[peer]
-        self.cv = threading.Condition()
-        self.tasks: list[tuple[str, Any]] = []
-        self.down_since: float | None = None
-        self.last_fail = 0.0
-
-    def submit(self, task: tuple[str, Any]) -> None:
-        with self.cv:
-            self.tasks.append(task)
-            self.cv.notify()
-
-    def run(self) -> None:
-        a = self.agent
-        while not a.stopping.is_set():
-            with self.cv:
-                self.cv.wait_for(lambda: self.tasks, timeout=0.2)
-                if not self.tasks:
-                    continue
-                kind, arg = self.tasks.pop(0)
-            if self.down_since is not None and time.monotonic() - self.last_fail < 1.0:
-                continue  # peer down: drop work for a second instead of queueing timeouts
-            try:
-                if kind == "replicate":
-                    self._replicate(arg)
-                else:
-                    request(self.addr, {"op": "prepared", "job": a.cfg.job,
-                                        "node": a.cfg.node, "step": arg}, a.cfg.timeout_s)
-                if self.down_since is not None:
-                    a.log(f"peer {self.peer} is back")
-                    self.down_since = None
-            except (OSError, ProtocolError) as e:
-                if self.down_since is None:
-                    a.log(f"peer {self.peer} at {self.addr}: {type(e).__name__}: {e}")
-                    self.down_since = time.monotonic()
-                self.last_fail = time.monotonic()
-
-    def _replicate(self, sh: Shard) -> None:
-        a = self.agent
-        with a.lock:
-            if sh.failed or sh.fd < 0:
-                return
-            fd = os.dup(sh.fd)
-        # socket.sendfile (not os.sendfile): it honours the socket's timeout.
-        with open(fd, "rb", buffering=0) as f, connect(self.addr, a.cfg.timeout_s) as s:
-            send_msg(s, {"op": "put", "job": a.cfg.job, "rank": sh.rank, "step": sh.step,
-                         "origin": a.cfg.node, "header": sh.header})
-            chunk = sh.header["chunk"]
-            for off in range(0, sh.nbytes, chunk):
-                n = min(chunk, sh.nbytes - off)
-                if not sh.wait_for(off + n, a.cfg.timeout_s):
-                    return  # the source broke off: hanging up discards the peer's copy
-                a.wait_window()
-                a.throttle(n)
-                if a.stopping.is_set():
-                    return
-                s.sendfile(f, off, n)
-            reply = recv_msg(s)
-        if not reply.get("ok"):
-            raise ProtocolError(reply.get("error", "replica refused"))
-        with a.lock:
-            a._on_ack(self.peer, sh.rank, sh.step)
-
-
-# -- the agent directory's owner --------------------------------------------------------------
-
-def owner_id(pid: int) -> str:
-    """pid and kernel start time: identifies a process even after its pid is reused."""
-    try:
-        start = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        start = "?"
-    return f"{pid} {start}"
-
-
-def sweep_stale(shm_root: str) -> list[str]:
-    """Remove agent directories whose agent is gone without cleaning up (SIGKILLed with
-    its whole process group, say); returns what was removed."""
-    removed = []
-    for d in Path(shm_root).glob("zentrain-*-node*"):
-        try:
-            owner = (d / OWNER_FILE).read_text().strip()
-        except OSError:
-            continue  # not ours, or still starting
-        pid = int(owner.split()[0]) if owner.split()[0].isdigit() else -1
-        if pid > 0 and owner_id(pid) == owner:
-            continue  # alive
-        shutil.rmtree(d, ignore_errors=True)
-        removed.append(str(d))
-    return removed
-
-
-
-# -- process entry point and launch helpers ---------------------------------------------------
-
-def run_agent(cfg: AgentConfig, listen_fd: int | None = None) -> None:
-    """Run an agent in this process until SIGTERM/SIGINT (or its parent exits)."""
-    if listen_fd is not None:
-        listener = socket.socket(fileno=listen_fd)
-    else:
-        listener = socket.create_server(parse_addr(cfg.peers[cfg.node]))
-    agent = Agent(cfg, listener)
-    parent = os.getppid()
-
-    def stop(*_: Any) -> None:
-        agent.stopping.set()
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    if cfg.exit_with_parent:
-        def watch() -> None:
-            while not agent.stopping.wait(0.5):
-                if os.getppid() != parent:
-                    agent.stopping.set()
-                    agent.log("parent exited; shutting down")
-        threading.Thread(target=watch, daemon=True).start()
-    agent.serve()
-
-
-def parse_args(argv: list[str] | None = None) -> tuple[AgentConfig, int | None]:
-    p = argparse.ArgumentParser(prog="python -m zentrain.ckpt.agent",
-                                description="Per-node in-memory checkpoint agent.")
-    p.add_argument("--node", type=int, required=True)
-    p.add_argument("--nodes", type=int, required=True)
-    p.add_argument("--peers", required=True, help="HOST:PORT of every node's agent, by node")
-    p.add_argument("--local-world", type=int, default=1)
-    p.add_argument("--m", type=int, default=2)
-    p.add_argument("--job", default="job")
-    p.add_argument("--shm-root", default="/dev/shm")
-    p.add_argument("--keep-committed", type=int, default=1)
-    p.add_argument("--max-inflight", type=int, default=2)
-    p.add_argument("--forward-bytes-per-s", type=float, default=0.0)
-    p.add_argument("--timeout-s", type=float, default=30.0)
-    p.add_argument("--listen-fd", type=int, default=None,
-                   help="an inherited listening socket (instead of binding peers[node])")
-    p.add_argument("--no-exit-with-parent", action="store_true")
-    a = p.parse_args(argv)
-    cfg = AgentConfig(node=a.node, nodes=a.nodes, peers=a.peers.split(","),
-                      local_world=a.local_world, m=a.m, job=a.job, shm_root=a.shm_root,
-                      keep_committed=a.keep_committed, max_inflight=a.max_inflight,
-                      forward_bytes_per_s=a.forward_bytes_per_s, timeout_s=a.timeout_s,
-                      exit_with_parent=not a.no_exit_with_parent)
-    return cfg, a.listen_fd
-
-
 def main(argv: list[str] | None = None) -> int:
-    try:
-        cfg, fd = parse_args(argv)
-        run_agent(cfg, fd)
-    except (ValueError, OSError) as e:
-        print(f"zentrain ckpt-agent: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    """``python -m zentrain.ckpt.agent``: see ``agent_main``."""
+    from zentrain.ckpt.agent_main import main as run
+
+    return run(argv)
 
 
 if __name__ == "__main__":

@@ -51,7 +51,6 @@ from zentrain.ckpt.wire import (
     send_msg,
 )
 
-
 COMMIT_WAIT_S = 5.0      # longest wait for a step's commit before the next save
 COMMIT_WAIT_SKIP = 20    # saves that do not wait after a wait timed out
 
