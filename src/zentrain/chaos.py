@@ -371,7 +371,7 @@ def _table(out: dict[str, Any]) -> None:
                      f"({100 * s['memory_ckpt_overhead']:+.1f}%, wall clock)")
     if s.get("memory_ckpt_cpu_share") is not None:
         lines.append(f"checkpoint CPU per save {s['ckpt_cpu_s'] * 1e3:.0f} ms (copy "
-                     f"{(s['ckpt_copy_cpu_s'] or 0) * 1e3:.0f} ms) vs training thread CPU per "
+                     f"{(s['ckpt_copy_cpu_s'] or 0) * 1e3:.0f} ms) vs training CPU per "
                      f"step {s['train_cpu_s'] * 1e3:.0f} ms: "
                      f"{100 * s['memory_ckpt_cpu_share']:.1f}%; training thread waits "
                      f"{100 * (s.get('training_thread_share') or 0):.1f}% of a step")

@@ -202,7 +202,8 @@ def cost_summary(on_steps: list[float], off_steps: list[float], on_rows: list[di
     """The step-time cost of per-step in-memory checkpoints, three ways: wall-clock step
     time with / without (noisy on a shared machine), the training thread's own share
     (snapshot, waits), and the background CPU time per save against the training
-    thread's CPU time per step (independent of the load)."""
+    process's CPU time per step, every thread but the checkpoint's (independent of the
+    load)."""
     def col(key: str) -> list[float]:
         return [r[key] for r in on_rows if isinstance(r.get(key), int | float)]
 

@@ -31,7 +31,7 @@ def test_targets_met_and_missed():
     cost = bad["worker kill: step-time cost of per-step in-memory checkpoints (checkpoint CPU "
                "per save / training CPU per step)"]
     assert cost["measured"] == "8.0% (wall clock +20.0%)"
-    assert "is 8.0% of the training thread's 0.500 s" in cost["reason"]
+    assert "is 8.0% of the training process's 0.500 s" in cost["reason"]
 
 
 def test_report_page_has_the_recovery_section(tmp_path):

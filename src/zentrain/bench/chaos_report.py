@@ -4,7 +4,8 @@ Targets (checked on each chaos result): steps lost per failure <= 1, every trial
 to the uninterrupted run, recovery >= 3x faster than from a persistent checkpoint taken every
 ``disk_every`` steps, and per-step in-memory checkpoints costing <= 5% of the step time.
 The step-time cost is graded by the load-independent figure, the checkpoint's CPU time
-per save against the training thread's CPU time per step, with the wall-clock difference
+per save against the training process's CPU time per step (every thread but the
+checkpoint's), with the wall-clock difference
 (with vs without, noisy when ranks share cores with other work) shown beside it. A result
 without the CPU figure is graded on wall clock, and a negative wall-clock cost, which can
 only be noise, is "unresolved", never "met".
@@ -88,9 +89,9 @@ def _ckpt_cost(s: dict[str, Any]) -> tuple[str, str, str, bool | None, str] | No
         wait = s.get("training_thread_share")
         reason = (f"the checkpoint's background CPU time (copy and checksums), "
                   f"{_f(s.get('ckpt_cpu_s'), '{:.3f}')} s per save, is {100 * share:.1f}% of "
-                  f"the training thread's {_f(s.get('train_cpu_s'), '{:.3f}')} s of CPU per "
-                  "step; it costs step time whenever no core is spare to absorb it (GEMINI "
-                  "assumes spare cores)"
+                  f"the training process's {_f(s.get('train_cpu_s'), '{:.3f}')} s of CPU per "
+                  "step (every thread but the checkpoint's); it costs step time whenever no "
+                  "core is spare to absorb it (GEMINI assumes spare cores)"
                   + ("" if wait is None else
                      f"; the training thread itself is blocked only {100 * wait:.1f}% of a "
                      "step") + wall_why)

@@ -294,9 +294,10 @@ class CheckpointManager:
                            ckpt_copy_cpu_s=prev.copy_cpu_s, ckpt_commit_s=prev.commit_s)
                 if prev.committed is not None:
                     out["ckpt_committed"] = prev.committed
-        # CPU time of the training thread since the last call: what the checkpoint's
+        # CPU time of the training process since the last call, every thread but the
+        # checkpoint's (intra-op and gloo threads train too): what the checkpoint's
         # background CPU time is compared with (load-independent, unlike wall time).
-        cpu = time.thread_time()
+        cpu = self._train_cpu()
         if self._cpu_mark is not None:
             out["train_cpu_s"] = cpu - self._cpu_mark
         self._cpu_mark = cpu
@@ -305,6 +306,12 @@ class CheckpointManager:
         self._poll()
         out["time"] = time.time()
         return out
+
+    def _train_cpu(self) -> float:
+        """Process CPU seconds so far minus the checkpoint thread's; the training thread's
+        alone where the OS cannot give one thread's CPU time."""
+        ck = self.mem.thread_cpu_s() if self.mem is not None else 0.0
+        return time.process_time() - ck if ck is not None else time.thread_time()
 
     def _can_defer(self, tr: Trainer) -> bool:
         """Copy the snapshot in the background, during the next forward and backward? Only

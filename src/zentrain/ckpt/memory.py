@@ -342,6 +342,14 @@ class MemoryCheckpointer(MemoryLoader):
             return 1
         return max(1, math.ceil(sorted(done)[len(done) // 2] / step_time_s))
 
+    def thread_cpu_s(self) -> float | None:
+        """CPU seconds the background thread has used so far (None where the OS cannot
+        tell one thread's CPU time from another's)."""
+        try:
+            return time.clock_gettime(time.pthread_getcpuclockid(self._thread.ident))
+        except (AttributeError, OSError, TypeError):
+            return None
+
     @contextmanager
     def paused(self) -> Iterator[None]:
         """Hold checkpoint traffic while the block runs (e.g. backward + gradient sync):
