@@ -1,0 +1,140 @@
+"""Top-k with error feedback under AdamW, simulated: N data-parallel ranks in one process.
+
+Which place for the error feedback (EF) keeps AdamW's loss when each rank sends only its
+top ``ratio`` of every compressed matrix? The ranks see their own batches of the default
+GPT config (the trainer's loader, world N); the synced result is the mean over ranks, as
+every sync scheme computes it, so no process group is needed. Methods:
+
+* ``none``: the mean gradient (the reference);
+* ``topk_ef``: top-k of gradient + residual, residual kept (what ``compress.method=topk``
+  does today);
+* ``topk_noef``: top-k of the gradient alone (``compress.error_feedback=false``);
+* ``adam_ef``: EF in the *update* domain: each rank runs its own AdamW moments on its own
+  gradient for the compressed matrices, sends the top-k of (lr x Adam direction +
+  residual) and keeps the rest; the mean of the sent updates is applied to the shared
+  weights (plus AdamW's decoupled decay). The update is linear in what is sent, so EF is
+  exact again (the reason 1-bit Adam freezes the variance; here nothing is frozen).
+
+Matrices are chosen by the compression policy (``select_params``); everything else goes
+through the shared AdamW with the mean gradient. Prints the loss every 25 steps and a JSON
+line with the mean loss of the last 20 steps (docs/compression.md, "Error feedback and
+AdamW").
+
+    python scripts/ef_adam_sim.py adam_ef --steps 150 --world 4 --ratio 0.01
+"""
+
+import argparse
+import json
+import math
+import time
+
+import torch
+from torch import nn
+
+from zentrain.compress import CompressConfig, select_params
+from zentrain.config import Config
+from zentrain.data import build_loader
+from zentrain.models import build_model
+from zentrain.train import build_optimizer, lr_at
+
+
+def keep_topk(acc: torch.Tensor, k: int) -> torch.Tensor:
+    """``acc`` with all but its k largest-magnitude entries zeroed."""
+    idx = acc.abs().flatten().topk(k).indices
+    sent = torch.zeros_like(acc).flatten()
+    sent[idx] = acc.flatten()[idx]
+    return sent.view_as(acc)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("method", choices=["none", "topk_ef", "topk_noef", "adam_ef"])
+    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--world", type=int, default=4)
+    ap.add_argument("--ratio", type=float, default=0.01)
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args()
+    method, steps, world, ratio = a.method, a.steps, a.world, a.ratio
+    torch.set_num_threads(a.threads)
+    cfg = Config()
+    cfg.train.steps = steps
+    cfg.data.num_workers = 0  # one process: no loader workers
+    bundles = [build_loader(cfg, r, world, is_builder=(r == 0)) for r in range(world)]
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model)
+    opt = build_optimizer(cfg, model)
+    comp = [p for _, p in select_params(model, CompressConfig(method="topk", ratio=ratio))]
+    cid = {id(p) for p in comp}
+    params = [p for p in model.parameters() if p.requires_grad]
+    resid = [{id(p): torch.zeros_like(p) for p in comp} for _ in range(world)]
+    if method == "adam_ef":
+        # the shared AdamW skips the compressed matrices (their grads are None); each rank has
+        # its own AdamW state for them
+        local = [{id(p): (torch.zeros_like(p), torch.zeros_like(p)) for p in comp} for _ in range(world)]
+    b1, b2, eps, wd = cfg.train.beta1, cfg.train.beta2, 1e-8, cfg.train.weight_decay
+    losses = []
+    t0 = time.time()
+    for step in range(steps):
+        lr = lr_at(cfg, step)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        grads = []
+        lsum = 0.0
+        for r in range(world):
+            torch.manual_seed(cfg.train.seed * 1_000_003 + step * 1009 + r)
+            model.zero_grad(set_to_none=True)
+            batch = bundles[r].train_batch(step, 0)
+            _, loss = model(**batch)
+            loss.backward()
+            lsum += loss.item()
+            grads.append({id(p): p.grad.detach().clone() for p in params if p.grad is not None})
+        losses.append(lsum / world)
+        mean = {k: sum(g[k] for g in grads) / world for k in grads[0]}
+        delta = {}
+        for p in comp:
+            k = max(1, math.ceil(ratio * p.numel()))
+            if method == "none":
+                continue
+            if method in ("topk_ef", "topk_noef"):
+                acc_sum = torch.zeros_like(p)
+                for r in range(world):
+                    acc = grads[r][id(p)] + (resid[r][id(p)] if method == "topk_ef" else 0)
+                    sent = keep_topk(acc, k)
+                    if method == "topk_ef":
+                        resid[r][id(p)] = acc - sent
+                    acc_sum += sent
+                mean[id(p)] = acc_sum / world
+            elif method == "adam_ef":
+                acc_sum = torch.zeros_like(p)
+                for r in range(world):
+                    m, v = local[r][id(p)]
+                    g = grads[r][id(p)]
+                    m.mul_(b1).add_(g, alpha=1 - b1)
+                    v.mul_(b2).addcmul_(g, g, value=1 - b2)
+                    mh = m / (1 - b1 ** (step + 1))
+                    vh = v / (1 - b2 ** (step + 1))
+                    acc = lr * mh / (vh.sqrt() + eps) + resid[r][id(p)]
+                    sent = keep_topk(acc, k)
+                    resid[r][id(p)] = acc - sent
+                    acc_sum += sent
+                delta[id(p)] = acc_sum / world
+        for p in params:
+            if method == "adam_ef" and id(p) in cid:
+                p.grad = None
+            else:
+                p.grad = mean[id(p)]
+        nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], cfg.train.grad_clip)
+        opt.step()
+        with torch.no_grad():
+            for p in comp:
+                if id(p) in delta:
+                    p.mul_(1 - lr * wd).sub_(delta[id(p)])
+        if step % 25 == 0 or step == steps - 1:
+            print(f"{method} step {step} loss {losses[-1]:.3f} {time.time() - t0:.0f}s",
+                  flush=True)
+    last = sum(losses[-20:]) / len(losses[-20:])
+    print(json.dumps({"method": method, "ratio": ratio, "steps": steps, "final_loss": last}))
+
+
+if __name__ == "__main__":
+    main()
