@@ -3,7 +3,7 @@ a deleted one is let go, a resized one is mapped anew."""
 
 import os
 
-from zentrain.ckpt.memory import FillMaps
+from zentrain.ckpt.fillmaps import FillMaps
 
 
 def _open(path, nbytes=None):
