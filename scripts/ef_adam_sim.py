@@ -38,9 +38,10 @@ from zentrain.models import build_model
 from zentrain.train import build_optimizer, lr_at
 
 
-def keep_topk(acc: torch.Tensor, k: int) -> torch.Tensor:
-    """``acc`` with all but its k largest-magnitude entries zeroed."""
-    idx = acc.abs().flatten().topk(k).indices
+def keep_topk(acc: torch.Tensor, k: int, scale=None) -> torch.Tensor:
+    """``acc`` with all but its k largest-magnitude entries (divided by ``scale``) zeroed."""
+    score = acc.abs() if scale is None else acc.abs() / scale
+    idx = score.flatten().topk(k).indices
     sent = torch.zeros_like(acc).flatten()
     sent[idx] = acc.flatten()[idx]
     return sent.view_as(acc)
@@ -53,6 +54,10 @@ def main() -> None:
     ap.add_argument("--world", type=int, default=4)
     ap.add_argument("--ratio", type=float, default=0.01)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--select", choices=["abs", "adam"], default="abs",
+                    help="top-k by |acc| or by |acc| / sqrt(EMA of the synced grad^2)")
+    ap.add_argument("--ef-decay", type=float, default=1.0,
+                    help="topk_ef: the residual is multiplied by this each step")
     a = ap.parse_args()
     method, steps, world, ratio = a.method, a.steps, a.world, a.ratio
     torch.set_num_threads(a.threads)
@@ -72,6 +77,7 @@ def main() -> None:
         # its own AdamW state for them
         local = [{id(p): (torch.zeros_like(p), torch.zeros_like(p)) for p in comp} for _ in range(world)]
     b1, b2, eps, wd = cfg.train.beta1, cfg.train.beta2, 1e-8, cfg.train.weight_decay
+    vsel = {id(p): torch.zeros_like(p) for p in comp}
     losses = []
     t0 = time.time()
     for step in range(steps):
@@ -97,13 +103,17 @@ def main() -> None:
                 continue
             if method in ("topk_ef", "topk_noef"):
                 acc_sum = torch.zeros_like(p)
+                scale = None
+                if a.select == "adam" and step > 0:
+                    scale = (vsel[id(p)] / (1 - b2 ** step)).sqrt() + 1e-8
                 for r in range(world):
                     acc = grads[r][id(p)] + (resid[r][id(p)] if method == "topk_ef" else 0)
-                    sent = keep_topk(acc, k)
+                    sent = keep_topk(acc, k, scale)
                     if method == "topk_ef":
-                        resid[r][id(p)] = acc - sent
+                        resid[r][id(p)] = (acc - sent) * a.ef_decay
                     acc_sum += sent
                 mean[id(p)] = acc_sum / world
+                vsel[id(p)].mul_(b2).addcmul_(mean[id(p)], mean[id(p)], value=1 - b2)
             elif method == "adam_ef":
                 acc_sum = torch.zeros_like(p)
                 for r in range(world):
@@ -133,7 +143,8 @@ def main() -> None:
             print(f"{method} step {step} loss {losses[-1]:.3f} {time.time() - t0:.0f}s",
                   flush=True)
     last = sum(losses[-20:]) / len(losses[-20:])
-    print(json.dumps({"method": method, "ratio": ratio, "steps": steps, "final_loss": last}))
+    print(json.dumps({"method": method, "ratio": ratio, "steps": steps, "select": a.select,
+                      "ef_decay": a.ef_decay, "final_loss": last}))
 
 
 if __name__ == "__main__":

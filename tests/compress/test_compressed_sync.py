@@ -148,6 +148,7 @@ def _run_case(rank, world, opts):
             "shapes": shapes, "order": dp.grad_sync.compressed_names,
             "reducer": next((r.name for r in getattr(dp.grad_sync.compressor, "reducers",
                                                      {}).values()), None),
+            "reducer_keys": list(getattr(dp.grad_sync.compressor, "reducers", {})),
             "inner_tables": len(getattr(dp.grad_sync.inner, "tables", []))}
 
 
@@ -299,6 +300,8 @@ def test_topk_goes_through_the_chosen_sparse_reducer(three):
     # ...for different bytes (ZEN's balanced push/pull vs AGsparse's all-gather).
     assert three[0]["topk"]["steps"][0]["bytes"] != three[0]["topk-ag"]["steps"][0]["bytes"]
     assert three[0]["topk"]["reducer"] == "zen" and three[0]["topk-ag"]["reducer"] == "agsparse"
+    # One reduce per step for all compressed matrices (fused), not one per matrix.
+    assert three[0]["topk"]["reducer_keys"] == ["fused"]
 
 
 def test_wrapped_zen_scheme_keeps_the_embedding_table(three):

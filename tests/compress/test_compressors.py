@@ -96,6 +96,22 @@ def test_topk_keeps_the_largest_entries():
     assert torch.equal(c.sync("v", g), expect)  # one rank: the mean is what was sent
 
 
+def test_topk_reduces_queued_matrices_together_in_any_wait_order():
+    shapes = {"a": (30, 20), "b": (7,), "c": (16, 16)}
+    g = torch.Generator().manual_seed(3)
+    grads = {n: torch.randn(s, generator=g) for n, s in shapes.items()}
+    alone = {n: _topk("topk", ratio=0.1).sync(n, x) for n, x in grads.items()}
+    c = _topk("topk", ratio=0.1)
+    pending = {n: c.communicate(n, c.compress(n, x)) for n, x in grads.items()}
+    assert not any(p.done for p in pending.values())  # queued, nothing reduced yet
+    for n in ("c", "a", "b"):  # the first wait reduces all three in one call
+        assert torch.equal(pending[n].wait(), alone[n]), n
+    assert list(c.reducers) == ["fused"] and not c._queue and not c._results
+    c.communicate("a", c.compress("a", grads["a"]))
+    with pytest.raises(RuntimeError, match="'a' was queued twice"):
+        c.communicate("a", c.compress("a", grads["a"]))
+
+
 def test_randomk_indices_shared_by_ranks_and_vary_by_step():
     a, b = _topk("randomk", ratio=0.1), _topk("randomk", ratio=0.1)
     b.rank = 1  # a different rank must draw the same indices
