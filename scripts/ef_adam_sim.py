@@ -49,13 +49,20 @@ def keep_topk(acc: torch.Tensor, k: int, scale=None) -> torch.Tensor:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("method", choices=["none", "topk_ef", "topk_noef", "adam_ef"])
+    ap.add_argument("method", choices=["none", "topk_ef", "topk_noef", "adam_ef", "ef21"])
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--world", type=int, default=4)
     ap.add_argument("--ratio", type=float, default=0.01)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--select", choices=["abs", "adam"], default="abs",
                     help="top-k by |acc| or by |acc| / sqrt(EMA of the synced grad^2)")
+    ap.add_argument("--ef21-momentum", type=float, default=1.0,
+                    help="ef21: compress the difference to an EMA of the gradient with this "
+                         "weight on the new gradient (1: the gradient itself)")
+    ap.add_argument("--dense-first", action="store_true",
+                    help="ef21: the first step is sent dense (initialises the estimates)")
+    ap.add_argument("--skip", default="",
+                    help="comma list of parameter names left uncompressed (mean gradient)")
     ap.add_argument("--ef-decay", type=float, default=1.0,
                     help="topk_ef: the residual is multiplied by this each step")
     a = ap.parse_args()
@@ -68,7 +75,9 @@ def main() -> None:
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model)
     opt = build_optimizer(cfg, model)
-    comp = [p for _, p in select_params(model, CompressConfig(method="topk", ratio=ratio))]
+    skip = set(filter(None, a.skip.split(",")))
+    comp = [p for n, p in select_params(model, CompressConfig(method="topk", ratio=ratio))
+            if n not in skip]
     cid = {id(p) for p in comp}
     params = [p for p in model.parameters() if p.requires_grad]
     resid = [{id(p): torch.zeros_like(p) for p in comp} for _ in range(world)]
@@ -78,6 +87,11 @@ def main() -> None:
         local = [{id(p): (torch.zeros_like(p), torch.zeros_like(p)) for p in comp} for _ in range(world)]
     b1, b2, eps, wd = cfg.train.beta1, cfg.train.beta2, 1e-8, cfg.train.weight_decay
     vsel = {id(p): torch.zeros_like(p) for p in comp}
+    # ef21: each rank's estimate h_r of its gradient, the global estimate H = mean h_r that
+    # the optimizer sees, and the rank's momentum (EF21-SGDM) when --ef21-momentum < 1
+    est = [{id(p): torch.zeros_like(p) for p in comp} for _ in range(world)]
+    mom = [{id(p): torch.zeros_like(p) for p in comp} for _ in range(world)]
+    glob = {id(p): torch.zeros_like(p) for p in comp}
     losses = []
     t0 = time.time()
     for step in range(steps):
@@ -114,6 +128,19 @@ def main() -> None:
                     acc_sum += sent
                 mean[id(p)] = acc_sum / world
                 vsel[id(p)].mul_(b2).addcmul_(mean[id(p)], mean[id(p)], value=1 - b2)
+            elif method == "ef21":
+                c_sum = torch.zeros_like(p)
+                for r in range(world):
+                    g = grads[r][id(p)]
+                    eta = a.ef21_momentum
+                    v = mom[r][id(p)].mul_(1 - eta).add_(g, alpha=eta) if step else \
+                        mom[r][id(p)].copy_(g)
+                    diff = v - est[r][id(p)]
+                    c = diff if (a.dense_first and step == 0) else keep_topk(diff, k)
+                    est[r][id(p)] += c
+                    c_sum += c
+                glob[id(p)] += c_sum / world
+                mean[id(p)] = glob[id(p)].clone()
             elif method == "adam_ef":
                 acc_sum = torch.zeros_like(p)
                 for r in range(world):
@@ -144,7 +171,8 @@ def main() -> None:
                   flush=True)
     last = sum(losses[-20:]) / len(losses[-20:])
     print(json.dumps({"method": method, "ratio": ratio, "steps": steps, "select": a.select,
-                      "ef_decay": a.ef_decay, "final_loss": last}))
+                      "ef_decay": a.ef_decay, "ef21_momentum": a.ef21_momentum,
+                      "dense_first": a.dense_first, "skip": a.skip, "final_loss": last}))
 
 
 if __name__ == "__main__":
