@@ -13,7 +13,16 @@ every sync scheme computes it, so no process group is needed. Methods:
   gradient for the compressed matrices, sends the top-k of (lr x Adam direction +
   residual) and keeps the rest; the mean of the sent updates is applied to the shared
   weights (plus AdamW's decoupled decay). The update is linear in what is sent, so EF is
-  exact again (the reason 1-bit Adam freezes the variance; here nothing is frozen).
+  exact again (the reason 1-bit Adam freezes the variance; here nothing is frozen);
+* ``ef21``: EF21 (Richtarik et al. 2021): each rank sends the top-k of (gradient - its
+  estimate) and adds it to the estimate; the optimizer sees the mean estimate, which every
+  rank updates with the same synced values (``--ef21-momentum`` < 1: EF21-SGDM, the
+  difference is taken to an EMA of the gradient);
+* ``topk_union``: every rank's top-k indices, then the exact mean of all ranks' gradients
+  at their union (a second exchange of values; bounds what the union can give).
+
+Options for ablations: ``--ef-decay`` (residual x decay each step), ``--skip`` (matrices
+left dense), ``--comp-lr-scale`` (learning rate of the compressed matrices).
 
 Matrices are chosen by the compression policy (``select_params``); everything else goes
 through the shared AdamW with the mean gradient. Prints the loss every 25 steps and a JSON
@@ -38,10 +47,9 @@ from zentrain.models import build_model
 from zentrain.train import build_optimizer, lr_at
 
 
-def keep_topk(acc: torch.Tensor, k: int, scale=None) -> torch.Tensor:
-    """``acc`` with all but its k largest-magnitude entries (divided by ``scale``) zeroed."""
-    score = acc.abs() if scale is None else acc.abs() / scale
-    idx = score.flatten().topk(k).indices
+def keep_topk(acc: torch.Tensor, k: int) -> torch.Tensor:
+    """``acc`` with all but its k largest-magnitude entries zeroed."""
+    idx = acc.abs().flatten().topk(k).indices
     sent = torch.zeros_like(acc).flatten()
     sent[idx] = acc.flatten()[idx]
     return sent.view_as(acc)
@@ -49,18 +57,18 @@ def keep_topk(acc: torch.Tensor, k: int, scale=None) -> torch.Tensor:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("method", choices=["none", "topk_ef", "topk_noef", "adam_ef", "ef21"])
+    ap.add_argument("method", choices=["none", "topk_ef", "topk_noef", "topk_union", "adam_ef", "ef21"])
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--world", type=int, default=4)
     ap.add_argument("--ratio", type=float, default=0.01)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--select", choices=["abs", "adam"], default="abs",
-                    help="top-k by |acc| or by |acc| / sqrt(EMA of the synced grad^2)")
     ap.add_argument("--ef21-momentum", type=float, default=1.0,
                     help="ef21: compress the difference to an EMA of the gradient with this "
                          "weight on the new gradient (1: the gradient itself)")
     ap.add_argument("--dense-first", action="store_true",
                     help="ef21: the first step is sent dense (initialises the estimates)")
+    ap.add_argument("--comp-lr-scale", type=float, default=1.0,
+                    help="learning rate of the compressed matrices x this")
     ap.add_argument("--skip", default="",
                     help="comma list of parameter names left uncompressed (mean gradient)")
     ap.add_argument("--ef-decay", type=float, default=1.0,
@@ -79,6 +87,11 @@ def main() -> None:
     comp = [p for n, p in select_params(model, CompressConfig(method="topk", ratio=ratio))
             if n not in skip]
     cid = {id(p) for p in comp}
+    if a.comp_lr_scale != 1.0:  # the compressed matrices (all decayed) in a group of their own
+        g0 = opt.param_groups[0]
+        g0["params"] = [p for p in g0["params"] if id(p) not in cid]
+        opt.add_param_group({"params": comp, "weight_decay": g0["weight_decay"],
+                             "lr_scale": a.comp_lr_scale})
     params = [p for p in model.parameters() if p.requires_grad]
     resid = [{id(p): torch.zeros_like(p) for p in comp} for _ in range(world)]
     if method == "adam_ef":
@@ -86,7 +99,6 @@ def main() -> None:
         # its own AdamW state for them
         local = [{id(p): (torch.zeros_like(p), torch.zeros_like(p)) for p in comp} for _ in range(world)]
     b1, b2, eps, wd = cfg.train.beta1, cfg.train.beta2, 1e-8, cfg.train.weight_decay
-    vsel = {id(p): torch.zeros_like(p) for p in comp}
     # ef21: each rank's estimate h_r of its gradient, the global estimate H = mean h_r that
     # the optimizer sees, and the rank's momentum (EF21-SGDM) when --ef21-momentum < 1
     est = [{id(p): torch.zeros_like(p) for p in comp} for _ in range(world)]
@@ -97,7 +109,7 @@ def main() -> None:
     for step in range(steps):
         lr = lr_at(cfg, step)
         for g in opt.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g.get("lr_scale", 1.0)
         grads = []
         lsum = 0.0
         for r in range(world):
@@ -117,17 +129,19 @@ def main() -> None:
                 continue
             if method in ("topk_ef", "topk_noef"):
                 acc_sum = torch.zeros_like(p)
-                scale = None
-                if a.select == "adam" and step > 0:
-                    scale = (vsel[id(p)] / (1 - b2 ** step)).sqrt() + 1e-8
                 for r in range(world):
                     acc = grads[r][id(p)] + (resid[r][id(p)] if method == "topk_ef" else 0)
-                    sent = keep_topk(acc, k, scale)
+                    sent = keep_topk(acc, k)
                     if method == "topk_ef":
                         resid[r][id(p)] = (acc - sent) * a.ef_decay
                     acc_sum += sent
                 mean[id(p)] = acc_sum / world
-                vsel[id(p)].mul_(b2).addcmul_(mean[id(p)], mean[id(p)], value=1 - b2)
+            elif method == "topk_union":
+                # every rank's top-k indices, then the exact mean of all ranks at their union
+                union = torch.zeros(p.numel(), dtype=torch.bool)
+                for r in range(world):
+                    union[keep_topk(grads[r][id(p)], k).flatten() != 0] = True
+                mean[id(p)] = mean[id(p)] * union.view_as(p)
             elif method == "ef21":
                 c_sum = torch.zeros_like(p)
                 for r in range(world):
@@ -170,9 +184,9 @@ def main() -> None:
             print(f"{method} step {step} loss {losses[-1]:.3f} {time.time() - t0:.0f}s",
                   flush=True)
     last = sum(losses[-20:]) / len(losses[-20:])
-    print(json.dumps({"method": method, "ratio": ratio, "steps": steps, "select": a.select,
-                      "ef_decay": a.ef_decay, "ef21_momentum": a.ef21_momentum,
-                      "dense_first": a.dense_first, "skip": a.skip, "final_loss": last}))
+    print(json.dumps({"method": method, "ratio": ratio, "steps": steps, "ef_decay": a.ef_decay, "ef21_momentum": a.ef21_momentum,
+                      "dense_first": a.dense_first, "skip": a.skip,
+                      "comp_lr_scale": a.comp_lr_scale, "final_loss": last}))
 
 
 if __name__ == "__main__":
