@@ -22,7 +22,11 @@ every sync scheme computes it, so no process group is needed. Methods:
   at their union (a second exchange of values; bounds what the union can give).
 
 Options for ablations: ``--ef-decay`` (residual x decay each step), ``--skip`` (matrices
-left dense), ``--comp-lr-scale`` (learning rate of the compressed matrices).
+left dense), ``--comp-lr-scale`` (learning rate of the compressed matrices), ``--ef-params``
+(which matrices keep a residual), ``--ratio-for`` (per-matrix ratios), ``--select adam``
+(rank entries by |g| / sqrt(v)), ``--clip`` (gradient-norm clip), and two ways to give every
+rank the same indices: ``topk_leader`` (a rotating rank's top-k) and ``topk_shared_m`` (the
+top of the shared AdamW first moment plus shared random entries, ``--explore``).
 
 Matrices are chosen by the compression policy (``select_params``); everything else goes
 through the shared AdamW with the mean gradient. Prints the loss every 25 steps and a JSON
@@ -47,9 +51,10 @@ from zentrain.models import build_model
 from zentrain.train import build_optimizer, lr_at
 
 
-def keep_topk(acc: torch.Tensor, k: int) -> torch.Tensor:
-    """``acc`` with all but its k largest-magnitude entries zeroed."""
-    idx = acc.abs().flatten().topk(k).indices
+def keep_topk(acc: torch.Tensor, k: int, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """``acc`` with all but its k largest entries of ``|acc| * scale`` zeroed."""
+    score = acc.abs() if scale is None else acc.abs() * scale
+    idx = score.flatten().topk(k).indices
     sent = torch.zeros_like(acc).flatten()
     sent[idx] = acc.flatten()[idx]
     return sent.view_as(acc)
@@ -57,7 +62,8 @@ def keep_topk(acc: torch.Tensor, k: int) -> torch.Tensor:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("method", choices=["none", "topk_ef", "topk_noef", "topk_union", "adam_ef", "ef21"])
+    ap.add_argument("method", choices=["none", "topk_ef", "topk_noef", "topk_union", "adam_ef", "ef21",
+                                       "topk_leader", "topk_shared_m"])
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--world", type=int, default=4)
     ap.add_argument("--ratio", type=float, default=0.01)
@@ -73,6 +79,19 @@ def main() -> None:
                     help="comma list of parameter names left uncompressed (mean gradient)")
     ap.add_argument("--ef-decay", type=float, default=1.0,
                     help="topk_ef: the residual is multiplied by this each step")
+    ap.add_argument("--select", choices=["mag", "adam"], default="mag",
+                    help="topk_ef/topk_noef: rank entries by magnitude, or by magnitude over "
+                         "the root of the shared AdamW second moment (the size of the step "
+                         "Adam would take; every rank holds the same moments)")
+    ap.add_argument("--explore", type=float, default=0.5,
+                    help="topk_shared_m: share of k drawn at random (same seed on every rank)")
+    ap.add_argument("--clip", type=float, default=None,
+                    help="gradient-norm clip (default: the trainer's; 0: none)")
+    ap.add_argument("--ef-params", default="*",
+                    help="topk_ef: compress.error_feedback_params, the name patterns of the "
+                         "matrices that keep a residual (the others are sent without EF)")
+    ap.add_argument("--ratio-for", default="",
+                    help="comma list of NAME=RATIO overriding --ratio for those parameters")
     a = ap.parse_args()
     method, steps, world, ratio = a.method, a.steps, a.world, a.ratio
     torch.set_num_threads(a.threads)
@@ -84,9 +103,13 @@ def main() -> None:
     model = build_model(cfg.model)
     opt = build_optimizer(cfg, model)
     skip = set(filter(None, a.skip.split(",")))
-    comp = [p for n, p in select_params(model, CompressConfig(method="topk", ratio=ratio))
-            if n not in skip]
+    ccfg = CompressConfig(method="topk", ratio=ratio, error_feedback_params=a.ef_params)
+    named = [(n, p) for n, p in select_params(model, ccfg) if n not in skip]
+    comp = [p for _, p in named]
     cid = {id(p) for p in comp}
+    ratio_for = {id(p): float(kv.split("=")[1]) for kv in filter(None, a.ratio_for.split(","))
+                 for n, p in model.named_parameters() if n == kv.split("=")[0]}
+    noef = {id(p) for n, p in named if not ccfg.keeps_residual(n)}
     if a.comp_lr_scale != 1.0:  # the compressed matrices (all decayed) in a group of their own
         g0 = opt.param_groups[0]
         g0["params"] = [p for p in g0["params"] if id(p) not in cid]
@@ -124,15 +147,18 @@ def main() -> None:
         mean = {k: sum(g[k] for g in grads) / world for k in grads[0]}
         delta = {}
         for p in comp:
-            k = max(1, math.ceil(ratio * p.numel()))
+            k = max(1, math.ceil(ratio_for.get(id(p), ratio) * p.numel()))
             if method == "none":
                 continue
             if method in ("topk_ef", "topk_noef"):
                 acc_sum = torch.zeros_like(p)
+                v = opt.state[p].get("exp_avg_sq") if a.select == "adam" else None
+                scale = None if v is None else 1 / (v.sqrt() + 1e-8)
                 for r in range(world):
-                    acc = grads[r][id(p)] + (resid[r][id(p)] if method == "topk_ef" else 0)
-                    sent = keep_topk(acc, k)
-                    if method == "topk_ef":
+                    ef = method == "topk_ef" and id(p) not in noef
+                    acc = grads[r][id(p)] + (resid[r][id(p)] if ef else 0)
+                    sent = keep_topk(acc, k, scale)
+                    if ef:
                         resid[r][id(p)] = (acc - sent) * a.ef_decay
                     acc_sum += sent
                 mean[id(p)] = acc_sum / world
@@ -142,6 +168,22 @@ def main() -> None:
                 for r in range(world):
                     union[keep_topk(grads[r][id(p)], k).flatten() != 0] = True
                 mean[id(p)] = mean[id(p)] * union.view_as(p)
+            elif method in ("topk_leader", "topk_shared_m"):
+                # one index set for every rank, so the values could be all-reduced (no union):
+                # the rotating leader's top-k, or the top of the shared AdamW first moment plus
+                # shared random entries (no index exchange at all)
+                if method == "topk_leader":
+                    mask = keep_topk(grads[step % world][id(p)], k).flatten() != 0
+                else:
+                    mask = torch.zeros(p.numel(), dtype=torch.bool)
+                    m = opt.state[p].get("exp_avg")
+                    n_top = 0 if m is None else int(k * (1 - a.explore))
+                    if n_top:
+                        mask[m.abs().flatten().topk(n_top).indices] = True
+                    gen = torch.Generator().manual_seed(step * 7919 + len(delta))
+                    rest = (~mask).nonzero().flatten()
+                    mask[rest[torch.randperm(rest.numel(), generator=gen)[:k - n_top]]] = True
+                mean[id(p)] = mean[id(p)] * mask.view_as(p)
             elif method == "ef21":
                 c_sum = torch.zeros_like(p)
                 for r in range(world):
@@ -174,7 +216,9 @@ def main() -> None:
                 p.grad = None
             else:
                 p.grad = mean[id(p)]
-        nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], cfg.train.grad_clip)
+        clip = cfg.train.grad_clip if a.clip is None else a.clip
+        if clip:
+            nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], clip)
         opt.step()
         with torch.no_grad():
             for p in comp:
@@ -186,7 +230,7 @@ def main() -> None:
     last = sum(losses[-20:]) / len(losses[-20:])
     print(json.dumps({"method": method, "ratio": ratio, "steps": steps, "ef_decay": a.ef_decay, "ef21_momentum": a.ef21_momentum,
                       "dense_first": a.dense_first, "skip": a.skip,
-                      "comp_lr_scale": a.comp_lr_scale, "final_loss": last}))
+                      "comp_lr_scale": a.comp_lr_scale, "select": a.select, "explore": a.explore, "clip": a.clip, "ef_params": a.ef_params, "ratio_for": a.ratio_for, "final_loss": last}))
 
 
 if __name__ == "__main__":

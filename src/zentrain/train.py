@@ -99,11 +99,13 @@ def _maybe_warn_ef_adamw(cfg: Config, rank: int, world: int) -> None:
     "Error feedback and AdamW"): say so once, with what works instead."""
     c = cfg.compress
     if rank == 0 and world > 1 and c.method in ("topk", "randomk", "sign") \
-            and c.error_feedback:
+            and c.error_feedback and c.error_feedback_params.strip() == "*":
         print(f"[zentrain] warning: compress.method = {c.method!r} with error feedback under "
               "AdamW trained far worse than without it here (loss stalls near the unigram "
               "level; docs/compression.md#error-feedback-and-adamw); consider "
-              "compress.error_feedback=false or compress.method='powersgd'",
+              "error feedback on the output layer only (compress.error_feedback_params="
+              "'head.weight' in the GPT model), compress.error_feedback=false, or "
+              "compress.method='powersgd'",
               file=sys.stderr, flush=True)
 
 

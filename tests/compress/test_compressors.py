@@ -84,6 +84,20 @@ def test_sparsifier_error_feedback_is_exact(method, kw):
         c.step += 1
 
 
+@pytest.mark.parametrize("method", ["topk", "qsgd", "powersgd"])
+def test_error_feedback_only_for_matching_names(method):
+    c = build_compressor(method, error_feedback_params="head.*, *.fc1.*", ratio=0.05)
+    for name in ("head.weight", "blocks.0.fc1.weight", "blocks.0.fc2.weight"):
+        g = _grads(1, seed=3)[0]
+        out = c.sync(name, g)
+        kept = name in c.residuals
+        assert kept == (name != "blocks.0.fc2.weight")
+        if kept:  # what was dropped waits in the residual, exactly (one rank)
+            assert torch.allclose(out.reshape(-1) + c.residuals[name], g.reshape(-1), atol=1e-5)
+        else:
+            assert not torch.equal(out, g)  # lossy, and nothing kept for later
+
+
 def test_topk_keeps_the_largest_entries():
     c = _topk("topk", ratio=0.1)
     g = torch.randn(1000, generator=torch.Generator().manual_seed(1))
@@ -252,6 +266,19 @@ def test_policy_skips_embeddings_norms_biases_and_small():
 def test_policy_raises_when_nothing_qualifies():
     with pytest.raises(ValueError, match="matched no parameter.*min_numel=100000"):
         select_params(Net(), _cfg("qsgd", min_numel=100_000))
+
+
+def test_error_feedback_pattern_must_match_a_compressed_parameter():
+    cfg = _cfg("topk", min_numel=1000, error_feedback_params="fc2.weight,fc3.*")
+    with pytest.raises(ValueError, match=r"'fc3.\*' matches no compressed parameter "
+                                         r"\(compressed: fc1.weight, fc2.weight\)"):
+        select_params(Net(), cfg)
+    cfg.error_feedback = False  # patterns are moot without error feedback
+    assert len(select_params(Net(), cfg)) == 2
+    with pytest.raises(ValueError, match="compress.error_feedback_params=' , '"):
+        _cfg("topk", error_feedback_params=" , ")
+    with pytest.raises(ValueError, match="momentum_correction needs error feedback on every"):
+        _cfg("topk", momentum_correction=True, error_feedback_params="head.*")
 
 
 def test_config_names_bad_fields():

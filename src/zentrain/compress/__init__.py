@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, fields
+from fnmatch import fnmatchcase
 from typing import Any
 
 from torch import nn
@@ -53,6 +54,11 @@ class CompressConfig:
     """Tensors with fewer entries than this are never compressed."""
     error_feedback: bool = True
     """Keep what compression dropped (per parameter) and add it to the next gradient."""
+    error_feedback_params: str = "*"
+    """With error_feedback: comma-separated name patterns (fnmatch, e.g. ``head.weight``
+    or ``*.mlp.*``) of the compressed parameters that keep a residual; the others are
+    compressed without one. Under AdamW, top-k with EF on the output layer only beat both
+    EF everywhere and no EF (docs/compression.md, "Error feedback per matrix")."""
     momentum_correction: bool = False
     """topk/randomk: DGC momentum correction and masking (use with momentum-free SGD)."""
     momentum: float = 0.9
@@ -90,10 +96,25 @@ class CompressConfig:
         if self.momentum_correction and not self.error_feedback:
             raise ValueError("compress.momentum_correction needs compress.error_feedback=true "
                              "(DGC accumulates the corrected momentum in the residual)")
+        if not self.ef_patterns:
+            raise bad("error_feedback_params", "comma-separated parameter name patterns; "
+                      "'*' for all, or error_feedback=false for none")
+        if self.momentum_correction and self.error_feedback_params.strip() != "*":
+            raise ValueError("compress.momentum_correction needs error feedback on every "
+                             "compressed parameter (compress.error_feedback_params='*'), "
+                             f"not {self.error_feedback_params!r}")
         if self.sparse_scheme not in SPARSE_SCHEMES:
             raise bad("sparse_scheme", ", ".join(SPARSE_SCHEMES))
         if self.bucket_size < 1:
             raise bad("bucket_size", ">= 1")
+
+    @property
+    def ef_patterns(self) -> list[str]:
+        return [s.strip() for s in self.error_feedback_params.split(",") if s.strip()]
+
+    def keeps_residual(self, name: str) -> bool:
+        """Whether parameter ``name`` is compressed with error feedback."""
+        return self.error_feedback and any(fnmatchcase(name, pat) for pat in self.ef_patterns)
 
     @classmethod
     def coerce(cls, value: CompressConfig | str | dict[str, Any] | None) -> CompressConfig:
@@ -170,6 +191,13 @@ def select_params(model: nn.Module, cfg: CompressConfig,
             + (f" and a worthwhile rank-{cfg.rank} factorization"
                if cfg.method == "powersgd" else "")
             + "; lower compress.min_numel or use method='none'")
+    if cfg.error_feedback:  # a typo'd pattern would silently turn EF off
+        names = [n for n, _ in chosen]
+        for pat in cfg.ef_patterns:
+            if not any(fnmatchcase(n, pat) for n in names):
+                raise ValueError(
+                    f"compress.error_feedback_params pattern {pat!r} matches no compressed "
+                    f"parameter (compressed: {', '.join(names)})")
     return chosen[::-1]
 
 

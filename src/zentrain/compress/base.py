@@ -93,6 +93,10 @@ class Compressor:
     def error_feedback(self) -> bool:
         return self.cfg.error_feedback and self.uses_error_feedback
 
+    def keeps_residual(self, name: str) -> bool:
+        """Error feedback for parameter ``name`` (``error_feedback_params``)."""
+        return self.uses_error_feedback and self.cfg.keeps_residual(name)
+
     def accumulate(self, name: str, grad: torch.Tensor) -> torch.Tensor:
         """Flat float32 ``grad + residual``, a fresh buffer this call may keep and modify.
 
@@ -100,7 +104,7 @@ class Compressor:
         what it sends (top-k) leaves exactly the unsent part behind, bit for bit.
         """
         g = grad.detach().reshape(-1)
-        if not self.error_feedback:
+        if not self.keeps_residual(name):
             return g.to(torch.float32, copy=True)
         r = self.residuals.get(name)
         if r is None:

@@ -84,7 +84,7 @@ class PowerSGD(Compressor):
         comm.all_reduce(p, self.counter, self.group)
         p = torch.linalg.qr(p, mode="reduced").Q
         q = m.t() @ p
-        if self.error_feedback:
+        if self.keeps_residual(name):
             m.sub_(p @ q.t())  # m is the residual buffer: residual = M - P Q_w^T
         work = comm.all_reduce(q, self.counter, self.group, async_op=True)
 

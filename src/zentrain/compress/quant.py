@@ -116,7 +116,7 @@ class _Quantizer(Compressor):
         acc = self.accumulate(name, grad)
         codes, scales = self.encode(name, acc)
         payload = QuantPayload(pack_bits(codes, self.bits), scales, grad.shape, grad.dtype)
-        if self.error_feedback:
+        if self.keeps_residual(name):
             acc.sub_(self.decode(codes, scales, acc.numel()))  # residual = acc - sent
         return payload
 

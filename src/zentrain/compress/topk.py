@@ -124,7 +124,7 @@ class TopK(Compressor):
             acc = self.accumulate(name, grad)
         idx = self.select(name, acc, self.k(acc.numel()))
         vals = acc[idx]  # a copy: the residual can be cleared below without touching it
-        if self.error_feedback:
+        if self.keeps_residual(name):
             acc[idx] = 0.0
             if self.cfg.momentum_correction:
                 self.momenta[name][idx] = 0.0
