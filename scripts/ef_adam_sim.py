@@ -40,6 +40,7 @@ import argparse
 import json
 import math
 import time
+from fnmatch import fnmatchcase
 
 import torch
 from torch import nn
@@ -92,6 +93,10 @@ def main() -> None:
                          "matrices that keep a residual (the others are sent without EF)")
     ap.add_argument("--ratio-for", default="",
                     help="comma list of NAME=RATIO overriding --ratio for those parameters")
+    ap.add_argument("--powersgd-for", default="",
+                    help="name patterns of matrices synced by PowerSGD (rank --rank, EF, warm "
+                         "start) instead of the method's path")
+    ap.add_argument("--rank", type=int, default=4)
     a = ap.parse_args()
     method, steps, world, ratio = a.method, a.steps, a.world, a.ratio
     torch.set_num_threads(a.threads)
@@ -110,6 +115,10 @@ def main() -> None:
     ratio_for = {id(p): float(kv.split("=")[1]) for kv in filter(None, a.ratio_for.split(","))
                  for n, p in model.named_parameters() if n == kv.split("=")[0]}
     noef = {id(p) for n, p in named if not ccfg.keeps_residual(n)}
+    pats = list(filter(None, a.powersgd_for.split(",")))
+    psgd = {id(p) for n, p in named if any(fnmatchcase(n, x) for x in pats)}
+    gq = torch.Generator().manual_seed(0)
+    qs = {id(p): torch.randn(p.shape[1], a.rank, generator=gq) for p in comp if id(p) in psgd}
     if a.comp_lr_scale != 1.0:  # the compressed matrices (all decayed) in a group of their own
         g0 = opt.param_groups[0]
         g0["params"] = [p for p in g0["params"] if id(p) not in cid]
@@ -149,6 +158,15 @@ def main() -> None:
         for p in comp:
             k = max(1, math.ceil(ratio_for.get(id(p), ratio) * p.numel()))
             if method == "none":
+                continue
+            if id(p) in psgd:  # PowerSGD (Vogels et al. 2019), as compress/powersgd.py does it
+                ms = [grads[r][id(p)] + resid[r][id(p)] for r in range(world)]
+                pm = torch.linalg.qr(sum(m @ qs[id(p)] for m in ms), mode="reduced").Q
+                qr_ = [m.t() @ pm for m in ms]
+                for r in range(world):
+                    resid[r][id(p)] = ms[r] - pm @ qr_[r].t()
+                qs[id(p)] = sum(qr_) / world
+                mean[id(p)] = pm @ qs[id(p)].t()
                 continue
             if method in ("topk_ef", "topk_noef"):
                 acc_sum = torch.zeros_like(p)
@@ -230,7 +248,7 @@ def main() -> None:
     last = sum(losses[-20:]) / len(losses[-20:])
     print(json.dumps({"method": method, "ratio": ratio, "steps": steps, "ef_decay": a.ef_decay, "ef21_momentum": a.ef21_momentum,
                       "dense_first": a.dense_first, "skip": a.skip,
-                      "comp_lr_scale": a.comp_lr_scale, "select": a.select, "explore": a.explore, "clip": a.clip, "ef_params": a.ef_params, "ratio_for": a.ratio_for, "final_loss": last}))
+                      "comp_lr_scale": a.comp_lr_scale, "select": a.select, "explore": a.explore, "clip": a.clip, "ef_params": a.ef_params, "ratio_for": a.ratio_for, "powersgd_for": a.powersgd_for, "rank": a.rank, "final_loss": last}))
 
 
 if __name__ == "__main__":
