@@ -27,6 +27,8 @@ left dense), ``--comp-lr-scale`` (learning rate of the compressed matrices), ``-
 (rank entries by |g| / sqrt(v)), ``--clip`` (gradient-norm clip), and two ways to give every
 rank the same indices: ``topk_leader`` (a rotating rank's top-k) and ``topk_shared_m`` (the
 top of the shared AdamW first moment plus shared random entries, ``--explore``).
+``--powersgd-for`` sends the matching matrices by PowerSGD instead (rank ``--rank``, EF,
+warm start: what ``compress/powersgd.py`` computes, with its own random initial Q).
 
 Matrices are chosen by the compression policy (``select_params``); everything else goes
 through the shared AdamW with the mean gradient. Prints the loss every 25 steps and a JSON
