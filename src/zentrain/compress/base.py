@@ -89,10 +89,6 @@ class Compressor:
         """Whether compressing a tensor of this shape is worthwhile (policy hook)."""
         return True
 
-    @property
-    def error_feedback(self) -> bool:
-        return self.cfg.error_feedback and self.uses_error_feedback
-
     def keeps_residual(self, name: str) -> bool:
         """Error feedback for parameter ``name`` (``error_feedback_params``)."""
         return self.uses_error_feedback and self.cfg.keeps_residual(name)
