@@ -99,7 +99,7 @@ def _maybe_warn_ef_adamw(cfg: Config, rank: int, world: int) -> None:
     "Error feedback and AdamW"): say so once, with what works instead."""
     c = cfg.compress
     if rank == 0 and world > 1 and c.method in ("topk", "randomk", "sign") \
-            and c.error_feedback and c.error_feedback_params.strip() == "*":
+            and c.error_feedback and c.ef_on_all:
         print(f"[zentrain] warning: compress.method = {c.method!r} with error feedback under "
               "AdamW trained far worse than without it here (loss stalls near the unigram "
               "level; docs/compression.md#error-feedback-and-adamw); consider "

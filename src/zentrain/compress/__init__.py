@@ -99,7 +99,7 @@ class CompressConfig:
         if not self.ef_patterns:
             raise bad("error_feedback_params", "comma-separated parameter name patterns; "
                       "'*' for all, or error_feedback=false for none")
-        if self.momentum_correction and self.error_feedback_params.strip() != "*":
+        if self.momentum_correction and not self.ef_on_all:
             raise ValueError("compress.momentum_correction needs error feedback on every "
                              "compressed parameter (compress.error_feedback_params='*'), "
                              f"not {self.error_feedback_params!r}")
@@ -111,6 +111,11 @@ class CompressConfig:
     @property
     def ef_patterns(self) -> list[str]:
         return [s.strip() for s in self.error_feedback_params.split(",") if s.strip()]
+
+    @property
+    def ef_on_all(self) -> bool:
+        """Whether the patterns cover every compressed parameter (a ``*`` among them)."""
+        return "*" in self.ef_patterns
 
     def keeps_residual(self, name: str) -> bool:
         """Whether parameter ``name`` is compressed with error feedback."""
