@@ -23,6 +23,8 @@ def test_error_feedback_under_adamw_is_warned_about(capsys):
     assert "error-feedback-and-adamw" in capsys.readouterr().err
     for sets, rank, world in ((["sync.compress=topk", "compress.error_feedback=false"], 0, 2),
                               (["sync.compress=powersgd"], 0, 2),
+                              (["sync.compress=topk",
+                                "compress.method_for=blocks.*=powersgd"], 0, 2),
                               (["sync.compress=topk"], 1, 2), (["sync.compress=topk"], 0, 1)):
         _maybe_warn_ef_adamw(load_config(None, sets), rank, world)
         assert capsys.readouterr().err == "", sets

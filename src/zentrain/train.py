@@ -94,12 +94,19 @@ def lr_at(cfg: Config, step: int) -> float:
     return t.lr * (t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
+def sync_label(cfg: Config) -> str:
+    """The scheme and its compressors, e.g. ``zen+topk+powersgd``."""
+    methods = cfg.compress.methods_used if cfg.compress.method != "none" else []
+    return "+".join([cfg.sync.scheme, *methods])
+
+
 def _maybe_warn_ef_adamw(cfg: Config, rank: int, world: int) -> None:
     """Sparsifiers with error feedback stall under AdamW (measured; docs/compression.md,
-    "Error feedback and AdamW"): say so once, with what works instead."""
+    "Error feedback and AdamW"): say so once, with what works instead. Quiet once
+    ``compress.method_for`` shows the user chose methods per parameter."""
     c = cfg.compress
     if rank == 0 and world > 1 and c.method in ("topk", "randomk", "sign") \
-            and c.error_feedback and c.ef_on_all:
+            and c.error_feedback and c.ef_on_all and not c.method_rules:
         print(f"[zentrain] warning: compress.method = {c.method!r} with error feedback under "
               "AdamW trained far worse than without it here (loss stalls near the unigram "
               "level; docs/compression.md#error-feedback-and-adamw); consider "
@@ -235,7 +242,7 @@ class Trainer:
         progress = Progress(cfg.train.steps, self.step, self.is_main and cfg.metrics.progress)
         if self.is_main:
             progress.log(f"[zentrain] {cfg.model.name} on {d.world_size} rank(s) ({d.backend}, "
-                         f"{d.device.type}), sync={cfg.sync.scheme}; {self.data.describe}")
+                         f"{d.device.type}), sync={sync_label(cfg)}; {self.data.describe}")
         t_start = time.perf_counter()
         hist: list[dict[str, float]] = []
         eval_out: dict[str, float] = {}
@@ -323,7 +330,7 @@ class Trainer:
                 else []) + hist
         return build_summary(
             rows, eval_out, wall, unit=self.data.unit, run_dir=str(self.run_dir),
-            model=self.cfg.model.name, sync=self.cfg.sync.scheme,
+            model=self.cfg.model.name, sync=sync_label(self.cfg),
             world_size=self.d.world_size, backend=self.d.backend, steps=self.step)
 
 

@@ -65,6 +65,11 @@ def test_tiny_loopback_run(tmp_path, cache, capsys):
     (["--bits", "1"], "compress.bits must be in [2, 8] (got 1)"),
     (["--set", "compress.min_numel=100000000"], "--methods topk: compress.method='topk' "
                                                 "matched no parameter"),
+    (["--set", "compress.method_for=blocks.*=zip"], "compress.method_for entry "
+                                                     "'blocks.*=zip' is invalid"),
+    (["--set", "compress.method_for=block.*=powersgd"], "--methods topk: compress.method_for "
+                                                         "pattern 'block.*' (=powersgd) matches "
+                                                         "no weight matrix"),
 ])
 def test_bad_inputs_are_one_line_errors(args, message, capsys):
     code = cli.main(["bench", "compress", "--bandwidth", "none", *args])
@@ -143,10 +148,25 @@ def test_plot_from_result(tmp_path):
     assert (tmp_path / "p.png").stat().st_size > 0
 
 
+def test_method_for_applies_to_the_compressed_methods_only():
+    args = cli.build_parser().parse_args(
+        ["bench", "compress", "--bandwidth", "none", "--methods", "none,topk,ddp",
+         "--set", "compress.method_for=blocks.*,pos_emb=powersgd"])
+    plan = bc.build_plan(args)
+    assert plan.compressed_numel["none"] == plan.compressed_numel["ddp"] == 0
+    alone = bc.build_plan(cli.build_parser().parse_args(
+        ["bench", "compress", "--bandwidth", "none", "--methods", "none,topk"]))
+    # Same matrices either way (rank 4 accepts every block matrix), other methods.
+    assert plan.compressed_numel["topk"] == alone.compressed_numel["topk"] > 0
+
+
 def test_method_sets():
+    # The uncompressed runs drop a --set compress.method_for meant for the compressed ones.
     assert bc.method_sets("ddp", 0.01, 4, 4) == ["sync.scheme=ddp",
-                                                 "model.sparse_embedding=false"]
-    assert bc.method_sets("none", 0.01, 4, 4)[-1] == "sync.compress=none"
+                                                 "model.sparse_embedding=false",
+                                                 "compress.method_for="]
+    assert bc.method_sets("none", 0.01, 4, 4)[-2:] == ["sync.compress=none",
+                                                       "compress.method_for="]
     assert bc.method_sets("powersgd", 0.01, 2, 4)[-1] == "compress.rank=2"
     assert bc.method_sets("qsgd", 0.01, 2, 8)[-1] == "compress.bits=8"
     assert bc.method_sets("fp16", 0.01, 2, 8)[-1] == "sync.compress=fp16"

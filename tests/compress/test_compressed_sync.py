@@ -35,6 +35,11 @@ CASES = {
     "sign": {"method": "sign", "bucket_size": 100},
     "fp16": {"method": "fp16"},
     "bf16": {"method": "bf16"},
+    # compress.method_for: PowerSGD for fc2, top-k (the default method) for fc1, branch
+    # uncompressed; "psgd-now" is PowerSGD alone without warm-up, to compare fc2 with.
+    "mix": {"method": "topk", "ratio": 0.1, "rank": 2,
+            "method_for": "fc2.weight=powersgd; branch.*=none"},
+    "psgd-now": {"method": "powersgd", "rank": 2},
 }
 STEPS = 3
 
@@ -115,6 +120,7 @@ def _run_case(rank, world, opts):
         st = dp.last_stats
         steps.append({
             "digest": _digest(grads[n] for n in sorted(grads)),
+            "params": {n: _digest([grads[n]]) for n in compressed},
             "err_plain": max((grads[n].double() - want[n]).abs().max().item()
                              for n in grads if n not in compressed),
             "err_comp": (torch.cat([(grads[n].double() - want[n]).reshape(-1)
@@ -232,7 +238,7 @@ def test_casts_and_warmup_steps_approximate_the_mean(three, name, tol):
     assert steps[0]["warmup"] == (CASES[name].get("warmup_steps", 0) > 0)
 
 
-@pytest.mark.parametrize("name", ["topk", "randomk", "powersgd", "qsgd", "sign"])
+@pytest.mark.parametrize("name", ["topk", "randomk", "powersgd", "qsgd", "sign", "mix"])
 def test_error_feedback_conserves_the_gradient_sum(three, name):
     # Synced gradients drift from each step's mean (relative error ~0.3-1 here) but no
     # gradient is lost: sum of synced + mean residual == sum of true means.
@@ -284,6 +290,17 @@ def test_resume_gives_the_same_next_step(three, name):
 
 def test_compressed_parameters_follow_the_policy(three):
     assert three[0]["topk"]["order"] == ["branch.weight", "fc2.weight", "fc1.weight"]
+
+
+def test_method_for_routes_each_parameter_to_its_method(three):
+    # Same model and batches at step 0, so each matrix of the mix must get exactly what its
+    # method alone gives it; "branch" is left to the exact dense path.
+    mix = three[0]["mix"]
+    assert mix["order"] == ["fc2.weight", "fc1.weight"]
+    first = mix["steps"][0]["params"]
+    assert first["fc1.weight"] == three[0]["topk"]["steps"][0]["params"]["fc1.weight"]
+    assert first["fc2.weight"] == three[0]["psgd-now"]["steps"][0]["params"]["fc2.weight"]
+    assert first["fc2.weight"] != three[0]["topk"]["steps"][0]["params"]["fc2.weight"]
 
 
 def test_powersgd_recovers_a_shared_low_rank_gradient(two, three):

@@ -319,3 +319,64 @@ def test_chunked_topk_is_exact():
         topk_mod._CHUNK = old
     want = torch.topk(x.abs(), 300).indices
     assert torch.equal(got.sort().values, want.sort().values)
+
+
+# -- per-parameter methods (compress.method_for) -----------------------------------------
+
+
+def test_method_for_parses_and_picks_the_first_matching_entry():
+    cfg = _cfg("topk", method_for="fc2.*, head.* = powersgd; fc* = none")
+    assert cfg.method_rules == [(["fc2.*", "head.*"], "powersgd"), (["fc*"], "none")]
+    assert cfg.method_of("fc2.weight") == "powersgd"
+    assert cfg.method_of("fc1.weight") == "none"
+    assert cfg.method_of("out.weight") == "topk"
+    assert cfg.methods_used == ["topk", "powersgd"]
+    for bad in ("fc2.weight", "fc2.weight=zip", "=powersgd", "fc1=topk;;x=", " , =topk"):
+        with pytest.raises(ValueError, match="compress.method_for entry .* is invalid"):
+            _cfg("topk", method_for=bad)
+    with pytest.raises(ValueError, match="method_for='fc1=topk' needs compress.method"):
+        _cfg("none", method_for="fc1=topk")
+    with pytest.raises(ValueError, match="momentum_correction works with one method"):
+        _cfg("topk", momentum_correction=True, method_for="fc1.*=powersgd")
+    _cfg("topk", momentum_correction=True, method_for="fc1.*=none")  # allowed
+
+
+def test_policy_applies_method_for():
+    cfg = _cfg("topk", min_numel=1000, rank=4, method_for="fc1.weight=none")
+    assert [n for n, _ in select_params(Net(), cfg)] == ["fc2.weight"]
+    # Only PowerSGD's matrices go through its shape check: a refused shape stays uncompressed.
+    cfg = _cfg("topk", min_numel=1000, rank=40, method_for="fc2.weight=powersgd")
+    c = build_compressor(cfg)
+    assert c.name == "topk+powersgd"
+    assert [n for n, _ in select_params(Net(), cfg, c.accepts_param)] == ["fc1.weight"]
+    cfg.rank = 4
+    c = build_compressor(cfg)
+    assert [n for n, _ in select_params(Net(), cfg, c.accepts_param)] == ["fc2.weight",
+                                                                          "fc1.weight"]
+    with pytest.raises(ValueError, match=r"method_for pattern 'fc3.\*' \(=powersgd\) matches no "
+                                         r"weight matrix \(candidates: fc1.weight, fc2.weight"):
+        select_params(Net(), _cfg("topk", method_for="fc3.*=powersgd"))
+    with pytest.raises(ValueError, match="matched no parameter.*method other than none"):
+        select_params(Net(), _cfg("topk", min_numel=1000, method_for="fc*=none"))
+
+
+def test_mixed_compressor_routes_and_round_trips_its_state():
+    cfg = _cfg("topk", ratio=0.1, rank=2, min_numel=1, method_for="b=powersgd")
+    gs = _grads(4)
+    a = build_compressor(cfg)
+    alone = {"a": _topk("topk", ratio=0.1), "b": PowerSGD(_cfg("powersgd", rank=2))}
+    for g in gs[:2]:  # the same results as each method alone, step after step
+        for name in ("a", "b"):
+            assert torch.equal(a.sync(name, g), alone[name].sync(name, g)), name
+        a.step += 1
+        alone["a"].step += 1
+        alone["b"].step += 1
+    assert set(a.residuals) == {"a", "b"} and a.parts["powersgd"].qs.keys() == {"b"}
+    b = build_compressor(cfg)
+    b.load_state_dict(a.state_dict())
+    assert b.step == 2 and b.parts["topk"].step == 2
+    for name in ("a", "b"):
+        assert torch.equal(a.sync(name, gs[2]), b.sync(name, gs[2])), name
+    with pytest.raises(ValueError, match="state is for 'topk', this run compresses with "
+                                         "'topk\\+powersgd'"):
+        b.load_state_dict(alone["a"].state_dict())

@@ -99,8 +99,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def method_sets(method: str, ratio: float, rank: int, bits: int) -> list[str]:
     """The ``--set`` overrides that make a run use ``method``."""
-    if method == BASELINE:
-        return list(an.SYSTEMS["ddp"])
+    if method in (BASELINE, REFERENCE):  # uncompressed: a --set compress.method_for is not theirs
+        base = list(an.SYSTEMS["ddp"]) if method == BASELINE else [
+            "sync.scheme=zen", "model.sparse_embedding=false", "sync.compress=none"]
+        return base + ["compress.method_for="]
     sets = ["sync.scheme=zen", "model.sparse_embedding=false", f"sync.compress={method}"]
     opt = {"topk": f"compress.ratio={ratio}", "randomk": f"compress.ratio={ratio}",
            "powersgd": f"compress.rank={rank}", "qsgd": f"compress.bits={bits}"}.get(method)
@@ -166,7 +168,8 @@ def check_method(plan: CompressPlan, method: str) -> int:
     with torch.device("meta"):
         model = build_model(cfg.model)
     try:
-        chosen = select_params(model, cfg.compress, build_compressor(cfg.compress).accepts)
+        chosen = select_params(model, cfg.compress,
+                               build_compressor(cfg.compress).accepts_param)
     except ValueError as e:
         raise ConfigError(f"--methods {method}: {e}") from None
     return sum(p.numel() for _, p in chosen)

@@ -89,6 +89,10 @@ class Compressor:
         """Whether compressing a tensor of this shape is worthwhile (policy hook)."""
         return True
 
+    def accepts_param(self, name: str, shape: tuple[int, ...]) -> bool:
+        """``accepts`` for parameter ``name`` (the policy's hook; ``Mixed`` routes by name)."""
+        return self.accepts(shape)
+
     def keeps_residual(self, name: str) -> bool:
         """Error feedback for parameter ``name`` (``error_feedback_params``)."""
         return self.uses_error_feedback and self.cfg.keeps_residual(name)

@@ -74,7 +74,7 @@ class CompressedSync(GradSync):
         self.inner = inner
         self.inner.counter = self.counter  # one byte count for the whole step
         self.compressor = compressor or build_compressor(self.cfg)
-        self.name = f"{inner.name}+{self.cfg.method}"  # type: ignore[misc]
+        self.name = f"{inner.name}+{self.compressor.name}"  # type: ignore[misc]
         self.compress_counter = comm.ByteCounter()
         self.units: list[_Unit] = []
         self._unit_of: dict[int, int] = {}
@@ -83,7 +83,7 @@ class CompressedSync(GradSync):
 
     def prepare(self, model: nn.Module) -> nn.Module:
         super().prepare(model)
-        chosen = select_params(model, self.cfg, self.compressor.accepts)
+        chosen = select_params(model, self.cfg, self.compressor.accepts_param)
         with _hidden([p for _, p in chosen]):
             runner = self.inner.prepare(model)
         self.units = [_Unit(n, p) for n, p in chosen]
