@@ -1,7 +1,8 @@
 """``zentrain bench compress``: one tiny run on loopback, bad inputs, and the analysis.
 
 The run trains a tiny GPT (1 layer, d=32, 300-token vocabulary) for a few steps on 2
-loopback ranks with ``none`` (zen, uncompressed) and ``topk``; ratios, time-to-target and
+loopback ranks with ``none`` (zen, uncompressed) and ``topk`` (mixed with PowerSGD by
+``compress.method_for``); ratios, time-to-target and
 the target checks are tested on synthetic curves without processes.
 """
 
@@ -31,6 +32,7 @@ def test_tiny_loopback_run(tmp_path, cache, capsys):
     out, png = tmp_path / "r.json", tmp_path / "r.png"
     code = cli.main(["bench", "compress", "--world", "2", "--bandwidth", "none",
                      "--methods", "none,topk", "--steps", "4", *TINY,
+                     "--set", "compress.method_for=blocks.*=powersgd",
                      "--set", f"data.cache_dir={cache}", "--bench-dir", str(tmp_path / "runs"),
                      "--json", str(out), "--plot", str(png)])
     text = capsys.readouterr().out
@@ -46,6 +48,11 @@ def test_tiny_loopback_run(tmp_path, cache, capsys):
     assert 0 < topk["bytes_ratio_vs_none"] < 1
     assert topk["compressed_numel"] > 0 and none["compressed_numel"] == 0
     assert "sync.compress=topk" in topk["sets"] and "compress.ratio=0.01" in topk["sets"]
+    # compress.method_for reaches the compressed run only: top-k for the output layer,
+    # PowerSGD for the block's matrices, and `none` stays uncompressed.
+    summary = json.loads((Path(topk["run_dir"]) / "summary.json").read_text())
+    assert summary["sync"] == "zen+topk+powersgd"
+    assert json.loads((Path(none["run_dir"]) / "summary.json").read_text())["sync"] == "zen"
     assert res["target_loss"] == pytest.approx(none["final_loss"] * 1.03)
     assert res["config"]["command"].startswith("zentrain bench compress --workload gpt")
     assert {t["target"] for t in res["targets"]} == {t[0] for t in bc.TARGETS}

@@ -340,7 +340,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
     plan = build_plan(args)
     world, bw = plan.worlds[0], plan.bandwidths[0]
-    cfg = load_config(plan.config, [*plan.overrides, f"train.steps={plan.steps}"])
+    cfg = load_config(plan.config, [*plan.overrides, *plan.system_sets[REFERENCE],
+                                    f"train.steps={plan.steps}"])
     plan.bench_dir.mkdir(parents=True, exist_ok=True)
     source_config = plan.config
     if plan.config:  # every method reads this copy, even if the file changes meanwhile
