@@ -95,6 +95,11 @@ def test_resume_continues_the_loss_curve(tmp_path, cache):
     (["--nproc", "0"], "bad --nproc 0"),
     (["--set", 'data.paths=["/no/such/file.txt"]'], "data path not found: /no/such/file.txt"),
     (["--resume", "--run-dir", "nothing-here"], "no committed checkpoint"),
+    # compression patterns are checked on a meta-device model before any worker starts
+    (["--set", "sync.compress=topk", "--set", "compress.error_feedback_params=heads.*"],
+     "compress.error_feedback_params pattern 'heads.*' matches no compressed parameter"),
+    (["--set", "sync.compress=topk", "--set", "compress.method_for=block.*=powersgd"],
+     "compress.method_for pattern 'block.*' (=powersgd) matches no weight matrix"),
 ])
 def test_bad_input_is_a_one_line_error(tmp_path, args, match):
     r = zentrain("run", *args, cwd=tmp_path)

@@ -53,6 +53,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.nodes < 1:
         raise ConfigError(f"bad --nodes {args.nodes} (allowed: an integer >= 1)")
     cfg = load_config(args.config, overrides)
+    train.check_compression(cfg)  # a typo'd parameter pattern fails here, not in every rank
     if not launch.inside_torchrun():  # (in place, each worker checks for itself)
         # A layout NCCL cannot run fails here, once, before any worker starts.
         launch.check_device_layout(cfg, cfg.parallel.nproc, cfg.parallel.nproc * args.nodes)

@@ -94,6 +94,24 @@ def lr_at(cfg: Config, step: int) -> float:
     return t.lr * (t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
+def check_compression(cfg: Config) -> int:
+    """Apply the compression policy to a meta-device model (no memory, no ranks): a
+    pattern that matches nothing or a policy that picks nothing is a one-line
+    ``ConfigError`` before any worker starts. Returns the number of entries compressed."""
+    from zentrain.compress import build_compressor, select_params
+    from zentrain.models import build_model
+
+    if cfg.compress.method == "none":
+        return 0
+    with torch.device("meta"):
+        model = build_model(cfg.model)
+    try:
+        chosen = select_params(model, cfg.compress, build_compressor(cfg.compress).accepts_param)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return sum(p.numel() for _, p in chosen)
+
+
 def sync_label(cfg: Config) -> str:
     """The scheme and its compressors, e.g. ``zen+topk+powersgd``."""
     methods = cfg.compress.methods_used if cfg.compress.method != "none" else []

@@ -103,10 +103,10 @@ def method_sets(method: str, ratio: float, rank: int, bits: int) -> list[str]:
         base = list(an.SYSTEMS["ddp"]) if method == BASELINE else [
             "sync.scheme=zen", "model.sparse_embedding=false", "sync.compress=none"]
         return base + ["compress.method_for="]
-    sets = ["sync.scheme=zen", "model.sparse_embedding=false", f"sync.compress={method}"]
-    opt = {"topk": f"compress.ratio={ratio}", "randomk": f"compress.ratio={ratio}",
-           "powersgd": f"compress.rank={rank}", "qsgd": f"compress.bits={bits}"}.get(method)
-    return sets + ([opt] if opt else [])
+    # Every option, not only the method's own: with compress.method_for a top-k run also
+    # compresses some matrices by PowerSGD, which must get --rank.
+    return ["sync.scheme=zen", "model.sparse_embedding=false", f"sync.compress={method}",
+            f"compress.ratio={ratio}", f"compress.rank={rank}", f"compress.bits={bits}"]
 
 
 def build_plan(args: argparse.Namespace) -> CompressPlan:
@@ -157,22 +157,13 @@ def check_method(plan: CompressPlan, method: str) -> int:
     """Load the method's config and apply the policy on a meta-device model, before any rank
     starts: a bad option or a policy that picks nothing is a one-line error. Returns the
     number of entries the method compresses."""
-    import torch
-
-    from zentrain.compress import build_compressor, select_params
-    from zentrain.models import build_model
+    from zentrain.train import check_compression
 
     cfg = load_config(plan.config, [*plan.overrides, *plan.system_sets[method]])
-    if cfg.compress.method == "none":
-        return 0
-    with torch.device("meta"):
-        model = build_model(cfg.model)
     try:
-        chosen = select_params(model, cfg.compress,
-                               build_compressor(cfg.compress).accepts_param)
-    except ValueError as e:
+        return check_compression(cfg)
+    except ConfigError as e:
         raise ConfigError(f"--methods {method}: {e}") from None
-    return sum(p.numel() for _, p in chosen)
 
 
 def canonical_command(plan: CompressPlan, args: argparse.Namespace) -> str:
