@@ -48,7 +48,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from zentrain.ckpt.agent import AgentConfig
+from zentrain.ckpt.agent_config import AgentConfig
 from zentrain.ckpt.launch import AgentHandle, agent_argv, start_agent, term_with_parent
 from zentrain.config import Config
 from zentrain.zygote import Zygote, die_with_parent

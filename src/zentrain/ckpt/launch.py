@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from zentrain.ckpt.agent import AgentConfig
+from zentrain.ckpt.agent_config import AgentConfig
 from zentrain.ckpt.wire import ProtocolError, request
 
 # The agent handles only bytes and never imports torch (3+ s of CPU and ~300 MB per

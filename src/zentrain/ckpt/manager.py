@@ -55,7 +55,8 @@ import torch.distributed.checkpoint as dcp
 
 from zentrain.chaos_analysis import CHAOS_RELEASE, ENV_CHAOS_HOLD
 from zentrain.ckpt import persistent
-from zentrain.ckpt.memory import MemoryCheckpointer, MemoryConfig
+from zentrain.ckpt.memory import MemoryCheckpointer
+from zentrain.ckpt.memory_config import MemoryConfig
 from zentrain.config import Config
 
 if TYPE_CHECKING:

@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any
 from zentrain.ckpt.wire import ProtocolError, connect, recv_msg, request, send_msg
 
 if TYPE_CHECKING:
-    from zentrain.ckpt.agent import Agent, Shard
+    from zentrain.ckpt.agent import Agent
+    from zentrain.ckpt.agent_config import Shard
 
 
 class PeerLink(threading.Thread):
