@@ -37,7 +37,8 @@ class DataParallel(nn.Module):
         """``sync``: a scheme name (``zentrain.sync.SCHEMES``) or a ``GradSync``;
         ``compress``: None, a method name (``"topk"``, ``"powersgd"``, ...), a dict of
         ``zentrain.compress.CompressConfig`` fields or a ``CompressConfig``; applied to the
-        dense parameters the compression policy selects, the rest synced by ``sync``."""
+        dense parameters the compression policy selects, the rest synced by ``sync``; e.g.
+        ``{"method": "topk", "rank": 8, "method_for": "blocks.*=powersgd"}`` mixes methods."""
         from zentrain.sync.compressed import maybe_compress
 
         super().__init__()

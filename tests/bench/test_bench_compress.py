@@ -13,6 +13,7 @@ import pytest
 
 from zentrain import cli
 from zentrain.bench import compress as bc
+from zentrain.bench import compress_show as bc_show
 
 TINY = ["--set", "model.n_layer=1", "--set", "model.d_model=32", "--set", "model.n_head=2",
         "--set", "model.seq_len=32", "--set", "model.vocab_size=300",
@@ -50,6 +51,9 @@ def test_tiny_loopback_run(tmp_path, cache, capsys):
     assert "sync.compress=topk" in topk["sets"] and "compress.ratio=0.01" in topk["sets"]
     # compress.method_for reaches the compressed run only: top-k for the output layer,
     # PowerSGD for the block's matrices, and `none` stays uncompressed.
+    assert topk["compressors"] == "topk+powersgd" and none["compressors"] == ""
+    assert bc_show.label("topk", topk) == "topk: topk+powersgd"
+    assert bc_show.label("none", none) == "none"
     summary = json.loads((Path(topk["run_dir"]) / "summary.json").read_text())
     assert summary["sync"] == "zen+topk+powersgd"
     assert json.loads((Path(none["run_dir"]) / "summary.json").read_text())["sync"] == "zen"

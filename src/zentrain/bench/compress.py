@@ -62,6 +62,9 @@ class CompressPlan(e2e.Plan):
     smooth: int = 1
     compressed_numel: dict[str, int] = field(default_factory=dict)
     """Per method: entries of the parameters its policy compresses (0: none)."""
+    compressors: dict[str, str] = field(default_factory=dict)
+    """Per method: the compressors its run uses, e.g. ``topk+powersgd`` with
+    ``compress.method_for`` (empty: none)."""
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -148,22 +151,24 @@ def build_plan(args: argparse.Namespace) -> CompressPlan:
         args.timeout, 1e-3, ratio=args.ratio, rank=args.rank, bits=args.bits,
         target_loss=args.target_loss, smooth=smooth)
     plan.system_sets = {m: method_sets(m, plan.ratio, plan.rank, plan.bits) for m in methods}
-    plan.compressed_numel = {m: check_method(plan, m) for m in methods}
+    for m in methods:
+        plan.compressed_numel[m], plan.compressors[m] = check_method(plan, m)
     plan.command = canonical_command(plan, args)
     return plan
 
 
-def check_method(plan: CompressPlan, method: str) -> int:
+def check_method(plan: CompressPlan, method: str) -> tuple[int, str]:
     """Load the method's config and apply the policy on a meta-device model, before any rank
     starts: a bad option or a policy that picks nothing is a one-line error. Returns the
-    number of entries the method compresses."""
+    number of entries the method compresses and its compressors (``topk+powersgd``)."""
     from zentrain.train import check_compression
 
     cfg = load_config(plan.config, [*plan.overrides, *plan.system_sets[method]])
     try:
-        return check_compression(cfg)
+        numel = check_compression(cfg)
     except ConfigError as e:
         raise ConfigError(f"--methods {method}: {e}") from None
+    return numel, "+".join(cfg.compress.methods_used) if numel else ""
 
 
 def canonical_command(plan: CompressPlan, args: argparse.Namespace) -> str:
@@ -358,6 +363,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
                                       markup=False)
             methods[m]["sets"] = plan.system_sets[m]
             methods[m]["compressed_numel"] = plan.compressed_numel[m]
+            methods[m]["compressors"] = plan.compressors[m]
     finally:
         display.close()
     machine["load_avg_end"] = list(os.getloadavg())

@@ -41,6 +41,12 @@ def _x(v: float | None, digits: int = 2) -> str:
     return "-" if v is None else f"{v:.{digits}f}x"
 
 
+def label(method: str, s: dict[str, Any]) -> str:
+    """The method's name, with its compressors when ``compress.method_for`` mixed them in."""
+    comp = s.get("compressors") or method
+    return method if comp == method else f"{method}: {comp}"
+
+
 def print_result(result: dict[str, Any], console: Any) -> None:
     from rich.table import Table
 
@@ -54,10 +60,10 @@ def print_result(result: dict[str, Any], console: Any) -> None:
         t.add_column(col, justify="left" if col == "method" else "right")
     for m, s in result["methods"].items():
         if "error" in s:
-            t.add_row(m, "FAILED", *[""] * 8)
+            t.add_row(label(m, s), "FAILED", *[""] * 8)
             continue
         tt = s["time_to_target_s"]
-        t.add_row(m, _fmt_bytes(s["bytes_per_step"]), _x(s["bytes_ratio_vs_none"], 3),
+        t.add_row(label(m, s), _fmt_bytes(s["bytes_per_step"]), _x(s["bytes_ratio_vs_none"], 3),
                   f"{1e3 * s['step_time_s']:.0f} ms",
                   "-" if s["sync_time_s"] is None else
                   f"{1e3 * s['sync_time_s']:.0f} ms" + ("*" if s["sync_time_estimated"] else ""),
@@ -94,7 +100,7 @@ def plot(result: dict[str, Any], path: Path) -> str:
     ok = {m: s for m, s in result["methods"].items() if "curve" in s}
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [3, 2]})
     for m, s in ok.items():
-        a1.plot(s["curve"]["wall_s"], s["curve"]["smoothed"], label=m, lw=1.2,
+        a1.plot(s["curve"]["wall_s"], s["curve"]["smoothed"], label=label(m, s), lw=1.2,
                 color=_COLORS.get(m), ls="--" if m == BASELINE else "-")
     if result["target_loss"]:
         a1.axhline(result["target_loss"], color="k", lw=0.7, ls=":",
@@ -115,7 +121,8 @@ def plot(result: dict[str, Any], path: Path) -> str:
             a2.annotate(f"{r:.3f}", (i, ok[m]["bytes_per_step"]), ha="center", va="bottom",
                         fontsize=7)
     a2.set_yscale("log")
-    a2.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+    a2.set_xticks(range(len(names)), [label(m, ok[m]) for m in names], rotation=30,
+                  ha="right", fontsize=8)
     a2.set_ylabel("bytes sent per step (busiest rank)")
     a2.set_title("bytes per step (label: vs none)", fontsize=9)
     c = result["config"]

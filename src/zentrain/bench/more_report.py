@@ -9,6 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from zentrain.bench.compress_show import label
+
 Results = list[tuple[Path, dict[str, Any]]]
 
 
@@ -101,10 +103,10 @@ def render_compress_section(results: Results, rel: Any, md_table: Any) -> list[s
         rows = []
         for name, m in d["methods"].items():
             if "error" in m:
-                rows.append([f"`{name}`", m["error"], *[""] * 7])
+                rows.append([f"`{label(name, m)}`", m["error"], *[""] * 7])
                 continue
             tt = m.get("time_to_target_s")
-            rows.append([f"`{name}`", _mb(m.get("bytes_per_step")),
+            rows.append([f"`{label(name, m)}`", _mb(m.get("bytes_per_step")),
                          _r(m.get("bytes_ratio_vs_none")), f"{m['step_time_s']:.2f} s",
                          _r(m.get("final_loss")), _r(m.get("loss_ratio_vs_none")),
                          _r(m.get("eval_loss")),

@@ -1,7 +1,8 @@
 """Lossy gradient compression for dense parameters: options, registry and selection policy.
 
 ``CompressConfig`` holds every option (one docstring per field); ``build_compressor`` makes
-the ``Compressor`` for ``method``; ``select_params`` is the policy that decides which
+the ``Compressor`` for ``method`` (a ``Mixed`` one routing by name when ``method_for`` gives
+some parameters another method); ``select_params`` is the policy that decides which
 parameters are compressed. ``zentrain.sync.compressed.CompressedSync`` puts them together
 around any non-DDP ``GradSync``.
 

@@ -6,7 +6,8 @@
 The policy (``zentrain.compress.select_params``) picks the weight matrices worth
 compressing; the wrapped ``GradSync`` never sees them (they are hidden from its
 ``prepare``) and keeps syncing everything else — small tensors, biases, norms and embedding
-tables — on its normal path, e.g. ZEN for the tables.
+tables — on its normal path, e.g. ZEN for the tables. With ``compress.method_for`` the
+compressor is a ``Mixed`` one: each parameter goes to the compressor of its own method.
 
 Compressed parameters are launched from post-accumulate-grad hooks strictly in a fixed
 order (reverse registration order, roughly backward's), a ready parameter waiting for its
