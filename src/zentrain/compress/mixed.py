@@ -34,14 +34,18 @@ class Mixed(Compressor):
     def __init__(self, cfg: CompressConfig, parts: dict[str, Compressor]) -> None:
         self.parts = parts
         self.name = "+".join(parts)  # type: ignore[misc]  # e.g. "topk+powersgd"
+        self._route: dict[str, Compressor] = {}  # name -> part: patterns matched once
         super().__init__(cfg)
 
     def part(self, name: str) -> Compressor:
-        method = self.cfg.method_of(name)
-        if method not in self.parts:
-            raise KeyError(f"parameter {name!r} has method {method!r}, which this compressor "
-                           f"({self.name}) does not hold")
-        return self.parts[method]
+        part = self._route.get(name)
+        if part is None:
+            method = self.cfg.method_of(name)
+            if method not in self.parts:
+                raise KeyError(f"parameter {name!r} has method {method!r}, which this "
+                               f"compressor ({self.name}) does not hold")
+            part = self._route[name] = self.parts[method]
+        return part
 
     # The step and residuals live in the parts; these views keep ``Compressor``'s interface.
     @property  # type: ignore[override]
