@@ -114,8 +114,7 @@ def check_compression(cfg: Config) -> int:
 
 def sync_label(cfg: Config) -> str:
     """The scheme and its compressors, e.g. ``zen+topk+powersgd``."""
-    methods = cfg.compress.methods_used if cfg.compress.method != "none" else []
-    return "+".join([cfg.sync.scheme, *methods])
+    return "+".join(filter(None, [cfg.sync.scheme, cfg.compress.label]))
 
 
 def _maybe_warn_ef_adamw(cfg: Config, rank: int, world: int) -> None:

@@ -168,7 +168,7 @@ def check_method(plan: CompressPlan, method: str) -> tuple[int, str]:
         numel = check_compression(cfg)
     except ConfigError as e:
         raise ConfigError(f"--methods {method}: {e}") from None
-    return numel, "+".join(cfg.compress.methods_used) if numel else ""
+    return numel, cfg.compress.label
 
 
 def canonical_command(plan: CompressPlan, args: argparse.Namespace) -> str:

@@ -153,6 +153,11 @@ class CompressConfig:
         return [m for i, m in enumerate(out) if m != "none" and m not in out[:i]]
 
     @property
+    def label(self) -> str:
+        """The methods in use joined by ``+`` (``topk+powersgd``); empty without compression."""
+        return "+".join(self.methods_used)
+
+    @property
     def ef_patterns(self) -> list[str]:
         return [s.strip() for s in self.error_feedback_params.split(",") if s.strip()]
 

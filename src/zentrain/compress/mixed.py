@@ -33,7 +33,7 @@ class Mixed(Compressor):
 
     def __init__(self, cfg: CompressConfig, parts: dict[str, Compressor]) -> None:
         self.parts = parts
-        self.name = "+".join(parts)  # type: ignore[misc]  # e.g. "topk+powersgd"
+        self.name = cfg.label  # type: ignore[misc]  # e.g. "topk+powersgd"
         self._route: dict[str, Compressor] = {}  # name -> part: patterns matched once
         super().__init__(cfg)
 
