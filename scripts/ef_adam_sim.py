@@ -99,6 +99,14 @@ def main() -> None:
                     help="name patterns of matrices synced by PowerSGD (rank --rank, EF, warm "
                          "start) instead of the method's path")
     ap.add_argument("--rank", type=int, default=4)
+    ap.add_argument("--gtopk", action="store_true",
+                    help="topk_ef: keep only the k largest |sums| of the ranks' union (global "
+                         "top-k); each rank's dropped entries go back to its residual")
+    ap.add_argument("--wire", choices=["float32", "bfloat16"], default="float32",
+                    help="dtype of the values on the wire (top-k values and PowerSGD factors); "
+                         "the rounding of what a rank sends stays in its residual")
+    ap.add_argument("--embed", default="",
+                    help="name patterns of embedding tables compressed like the matrices")
     a = ap.parse_args()
     method, steps, world, ratio = a.method, a.steps, a.world, a.ratio
     torch.set_num_threads(a.threads)
@@ -110,13 +118,17 @@ def main() -> None:
     model = build_model(cfg.model)
     opt = build_optimizer(cfg, model)
     skip = set(filter(None, a.skip.split(",")))
-    ccfg = CompressConfig(method="topk", ratio=ratio, error_feedback_params=a.ef_params)
+    ccfg = CompressConfig(method="topk", ratio=ratio)
     named = [(n, p) for n, p in select_params(model, ccfg) if n not in skip]
+    named += [(n, p) for n, p in model.named_parameters()
+              if any(fnmatchcase(n, x) for x in filter(None, a.embed.split(",")))]
+    wire = getattr(torch, a.wire)
     comp = [p for _, p in named]
     cid = {id(p) for p in comp}
     ratio_for = {id(p): float(kv.split("=")[1]) for kv in filter(None, a.ratio_for.split(","))
                  for n, p in model.named_parameters() if n == kv.split("=")[0]}
-    noef = {id(p) for n, p in named if not ccfg.keeps_residual(n)}
+    efp = [x.strip() for x in a.ef_params.split(",") if x.strip()]
+    noef = {id(p) for n, p in named if not any(fnmatchcase(n, x) for x in efp)}
     pats = list(filter(None, a.powersgd_for.split(",")))
     psgd = {id(p) for n, p in named if any(fnmatchcase(n, x) for x in pats)}
     gq = torch.Generator().manual_seed(0)
@@ -163,25 +175,35 @@ def main() -> None:
                 continue
             if id(p) in psgd:  # PowerSGD (Vogels et al. 2019), as compress/powersgd.py does it
                 ms = [grads[r][id(p)] + resid[r][id(p)] for r in range(world)]
-                pm = torch.linalg.qr(sum(m @ qs[id(p)] for m in ms), mode="reduced").Q
-                qr_ = [m.t() @ pm for m in ms]
+                psum = sum((m @ qs[id(p)]).to(wire).float() for m in ms).to(wire).float()
+                pm = torch.linalg.qr(psum, mode="reduced").Q
+                qr_ = [(m.t() @ pm).to(wire).float() for m in ms]
                 for r in range(world):
                     resid[r][id(p)] = ms[r] - pm @ qr_[r].t()
-                qs[id(p)] = sum(qr_) / world
+                qs[id(p)] = sum(qr_).to(wire).float() / world
                 mean[id(p)] = pm @ qs[id(p)].t()
                 continue
             if method in ("topk_ef", "topk_noef"):
                 acc_sum = torch.zeros_like(p)
                 v = opt.state[p].get("exp_avg_sq") if a.select == "adam" else None
                 scale = None if v is None else 1 / (v.sqrt() + 1e-8)
+                sents = []
                 for r in range(world):
                     ef = method == "topk_ef" and id(p) not in noef
-                    acc = grads[r][id(p)] + (resid[r][id(p)] if ef else 0)
-                    sent = keep_topk(acc, k, scale)
+                    g = grads[r][id(p)] if id(p) in grads[r] else torch.zeros_like(p)
+                    acc = g + (resid[r][id(p)] if ef else 0)
+                    sent = keep_topk(acc, k, scale).to(wire).float()
                     if ef:
                         resid[r][id(p)] = (acc - sent) * a.ef_decay
                     acc_sum += sent
-                mean[id(p)] = acc_sum / world
+                    sents.append((sent, ef))
+                if a.gtopk:  # the k largest sums survive; the rest return to the residuals
+                    keep = keep_topk(acc_sum, k) != 0
+                    acc_sum = acc_sum * keep
+                    for r, (sent, ef) in enumerate(sents):
+                        if ef:
+                            resid[r][id(p)] += sent * ~keep
+                mean[id(p)] = acc_sum.to(wire).float() / world
             elif method == "topk_union":
                 # every rank's top-k indices, then the exact mean of all ranks at their union
                 union = torch.zeros(p.numel(), dtype=torch.bool)
@@ -250,7 +272,8 @@ def main() -> None:
     last = sum(losses[-20:]) / len(losses[-20:])
     print(json.dumps({"method": method, "ratio": ratio, "steps": steps, "ef_decay": a.ef_decay, "ef21_momentum": a.ef21_momentum,
                       "dense_first": a.dense_first, "skip": a.skip,
-                      "comp_lr_scale": a.comp_lr_scale, "select": a.select, "explore": a.explore, "clip": a.clip, "ef_params": a.ef_params, "ratio_for": a.ratio_for, "powersgd_for": a.powersgd_for, "rank": a.rank, "final_loss": last}))
+                      "comp_lr_scale": a.comp_lr_scale, "select": a.select, "explore": a.explore, "clip": a.clip, "ef_params": a.ef_params, "ratio_for": a.ratio_for, "powersgd_for": a.powersgd_for, "rank": a.rank,
+                      "gtopk": a.gtopk, "wire": a.wire, "embed": a.embed, "final_loss": last}))
 
 
 if __name__ == "__main__":

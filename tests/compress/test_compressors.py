@@ -380,3 +380,76 @@ def test_mixed_compressor_routes_and_round_trips_its_state():
     with pytest.raises(ValueError, match="state is for 'topk', this run compresses with "
                                          "'topk\\+powersgd'"):
         b.load_state_dict(alone["a"].state_dict())
+
+
+# -- bfloat16 on the wire, global top-k, embedding tables -----------------------------------
+
+
+def test_bfloat16_wire_keeps_error_feedback_exact():
+    c = _topk("topk", ratio=0.05, wire_dtype="bfloat16")
+    residual = torch.zeros(64 * 48)
+    for g in _grads(3):
+        acc = residual + g.reshape(-1)
+        payload = c.compress("w", g)
+        assert payload.values.dtype == torch.bfloat16
+        residual = c.residuals["w"]
+        # The rounding error stays behind, exactly: sent (as float32) + residual == acc.
+        assert torch.equal(payload.to_dense().reshape(-1) + residual, acc)
+        assert residual[payload.indices].abs().max() > 0  # really rounded
+        c.communicate("w", payload).wait()
+
+
+def test_powersgd_bfloat16_wire_feeds_the_rounding_back():
+    c = PowerSGD(_cfg("powersgd", rank=2, wire_dtype="bfloat16"))
+    residual = torch.zeros(64 * 48)
+    for g in _grads(3):
+        acc = residual + g.reshape(-1)
+        out = c.sync("w", g)
+        residual = c.residuals["w"]
+        # One rank: the result is P Q_w^T with the sent (rounded) Q_w, as in the residual.
+        torch.testing.assert_close(out.reshape(-1) + residual, acc, rtol=0, atol=1e-5)
+    f32 = PowerSGD(_cfg("powersgd", rank=2))
+    assert not torch.equal(f32.sync("w", _grads(1)[0]), PowerSGD(_cfg(
+        "powersgd", rank=2, wire_dtype="bfloat16")).sync("w", _grads(1)[0]))
+
+
+def _keep_reference(idx, vals, starts, budgets):
+    keep = []
+    for i, v in zip(idx.tolist(), vals.abs().tolist()):
+        s = max(j for j in range(len(starts) - 1) if starts[j] <= i)
+        rivals = [(-abs(w), k) for k, w in zip(idx.tolist(), vals.tolist())
+                  if starts[s] <= k < starts[s + 1]]
+        keep.append(sorted(rivals).index((-v, i)) < budgets[s])
+    return keep
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31), n=st.integers(0, 60), cut=st.integers(1, 99),
+       b0=st.integers(0, 8), b1=st.integers(0, 8))
+def test_keep_largest_keeps_each_segments_largest(seed, n, cut, b0, b1):
+    from zentrain.compress.topk import keep_largest
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(100, generator=g)[:n].sort().values
+    vals = torch.randint(-4, 5, (n, 1), generator=g).float()  # many ties: lower index wins
+    starts, budgets = [0, cut, 100], [b0, b1]
+    got = keep_largest(idx, vals, torch.tensor(starts), torch.tensor(budgets))
+    assert got.tolist() == _keep_reference(idx, vals.reshape(-1), starts, budgets)
+
+
+def test_policy_compresses_embedding_tables_only_when_named():
+    assert "emb.weight" not in [n for n, _ in select_params(Net(), _cfg("topk", min_numel=1000))]
+    cfg = _cfg("topk", min_numel=1000, method_for="emb.weight=topk")
+    assert [n for n, _ in select_params(Net(), cfg)] == ["fc2.weight", "fc1.weight",
+                                                         "emb.weight"]
+    cfg = _cfg("topk", min_numel=1000, method_for="emb.weight=none")  # named, left alone
+    assert [n for n, _ in select_params(Net(), cfg)] == ["fc2.weight", "fc1.weight"]
+
+
+def test_wire_and_global_topk_options_are_checked():
+    with pytest.raises(ValueError, match=r"compress.wire_dtype='float16' is invalid.*bfloat16"):
+        _cfg("topk", wire_dtype="float16")
+    with pytest.raises(ValueError, match="global_topk applies to method topk.*powersgd"):
+        _cfg("powersgd", global_topk=True)
+    with pytest.raises(ValueError, match="global_topk does not combine with momentum_corr"):
+        _cfg("topk", global_topk=True, momentum_correction=True)
+    assert _cfg("powersgd", global_topk=True, method_for="head.*=topk").global_topk

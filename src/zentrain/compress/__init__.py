@@ -19,7 +19,8 @@ Methods (paper notes in ``shared/papers/zen.md`` §2.4-2.8):
 
 The policy leaves out what compression would hurt and not help: vectors (biases, norm
 weights), parameters of normalization layers, embedding tables (their sparse gradients go
-to the wrapped sparse scheme) and tensors smaller than ``min_numel``.
+to the wrapped sparse scheme, unless a ``method_for`` entry names them) and tensors
+smaller than ``min_numel``.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from torch import nn
 from zentrain.compress.base import Compressor, Pending
 
 METHODS = ("none", "topk", "randomk", "powersgd", "qsgd", "sign", "fp16", "bf16")
+WIRE_DTYPES = ("float32", "bfloat16")
 SPARSE_SCHEMES = ("zen", "agsparse", "sparcml", "omnireduce", "allreduce")
 
 
@@ -66,7 +68,19 @@ class CompressConfig:
     takes the method of the first entry that matches its name, else ``method``; ``none``
     leaves it uncompressed to the wrapped scheme. All methods share the other options
     (ratio, rank, ...). Top-k on the output layer with PowerSGD on the blocks came within
-    0.1% of the uncompressed loss in simulation (docs/compression.md)."""
+    0.1% of the uncompressed loss in simulation (docs/compression.md). Embedding tables
+    are compressed only when an entry matches their name (``tok_emb.weight=topk``): their
+    gradient is sparse, and the wrapped scheme syncs it losslessly otherwise."""
+    global_topk: bool = False
+    """topk: after the sparse reducer sums the ranks' entries, keep only the ``ratio``
+    largest sums of each tensor (gTop-k) and send those back, instead of the union of
+    every rank's top-k (about 3x more at 4 ranks). Each ZEN server keeps its share
+    (ratio / world of its partition), so the Pull carries ~k entries; each rank puts its
+    own dropped entries back into its residual, so with error feedback nothing is lost."""
+    wire_dtype: str = "float32"
+    """topk/randomk values and PowerSGD factors on the wire: float32 or bfloat16 (half the
+    value bytes; sums are still taken in float32). What rounding takes from a rank's
+    entries stays in its residual when error feedback is on."""
     momentum_correction: bool = False
     """topk/randomk: DGC momentum correction and masking (use with momentum-free SGD)."""
     momentum: float = 0.9
@@ -119,6 +133,14 @@ class CompressConfig:
         if self.momentum_correction and any(m not in (self.method, "none") for _, m in rules):
             raise ValueError("compress.momentum_correction works with one method "
                              f"(compress.method), not with compress.method_for={self.method_for!r}")
+        if self.wire_dtype not in WIRE_DTYPES:
+            raise bad("wire_dtype", ", ".join(WIRE_DTYPES))
+        if self.global_topk and self.method != "none" and "topk" not in self.methods_used:
+            raise ValueError("compress.global_topk applies to method topk, which no parameter "
+                             f"uses here (methods: {self.label or 'none'})")
+        if self.global_topk and self.momentum_correction:
+            raise ValueError("compress.global_topk does not combine with momentum_correction "
+                             "(a dropped entry's momentum would have been masked already)")
         if self.sparse_scheme not in SPARSE_SCHEMES:
             raise bad("sparse_scheme", ", ".join(SPARSE_SCHEMES))
         if self.bucket_size < 1:
@@ -141,10 +163,15 @@ class CompressConfig:
 
     def method_of(self, name: str) -> str:
         """The method that compresses parameter ``name`` (``none``: not compressed)."""
+        rule = self.rule_method(name)
+        return self.method if rule is None else rule
+
+    def rule_method(self, name: str) -> str | None:
+        """The method of the first ``method_for`` entry matching ``name``; None if none does."""
         for patterns, method in self.method_rules:
             if any(fnmatchcase(name, pat) for pat in patterns):
                 return method
-        return self.method
+        return None
 
     @property
     def methods_used(self) -> list[str]:
@@ -198,7 +225,8 @@ def build_compressor(name: str | CompressConfig, **opts: Any) -> Compressor:
         raise ValueError("compress.method='none' has no compressor; use the plain scheme")
     if len(cfg.methods_used) > 1:
         from zentrain.compress.mixed import Mixed
-        return Mixed(cfg, {m: _build_one(replace(cfg, method=m, method_for=""))
+        return Mixed(cfg, {m: _build_one(replace(cfg, method=m, method_for="",
+                                                 global_topk=cfg.global_topk and m == "topk"))
                            for m in cfg.methods_used})
     return _build_one(cfg)
 
@@ -226,7 +254,8 @@ def select_params(model: nn.Module, cfg: CompressConfig,
                   ) -> list[tuple[str, nn.Parameter]]:
     """The parameters to compress, in reverse registration order (≈ backward order).
 
-    Skipped: frozen and non-float parameters, embedding tables, parameters of norm layers,
+    Skipped: frozen and non-float parameters, embedding tables (unless a ``method_for``
+    entry matches their name), parameters of norm layers,
     anything with fewer than 2 dimensions (biases, norm weights, scalars), names ending in
     ``bias``, tensors under ``cfg.min_numel`` entries, names whose method
     (``cfg.method_of``) is ``none``, and shapes ``accepts(name, shape)`` refuses (PowerSGD:
@@ -236,7 +265,8 @@ def select_params(model: nn.Module, cfg: CompressConfig,
     """
     from zentrain.sync.sparse import embedding_params
 
-    skip = {id(p) for p in embedding_params(model)}
+    tables = {id(p) for p in embedding_params(model)}
+    skip: set[int] = set()
     for m in model.modules():
         if isinstance(m, _NORMS):
             skip.update(id(p) for p in m.parameters(recurse=False))
@@ -246,6 +276,8 @@ def select_params(model: nn.Module, cfg: CompressConfig,
         if (not p.requires_grad or not p.is_floating_point() or id(p) in skip
                 or p.dim() < 2 or name.endswith("bias")):
             continue
+        if id(p) in tables and cfg.rule_method(name) is None:
+            continue  # a table goes to the wrapped sparse scheme unless named in method_for
         candidates.append(name)
         if (p.numel() >= cfg.min_numel and cfg.method_of(name) != "none"
                 and accepts(name, tuple(p.shape))):

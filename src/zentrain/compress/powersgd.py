@@ -14,6 +14,11 @@ PyTorch's ``batched_powerSGD_hook`` fails on gloo in torch 2.13 (``shared/notes/
 torch-cpu.md``); QR (rather than Gram-Schmidt) also stays finite when ``P`` is rank
 deficient, e.g. an all-zero gradient.
 
+With ``wire_dtype="bfloat16"`` both factors travel in bfloat16 (half the bytes; gloo and
+NCCL all-reduce bfloat16 in torch 2.13). ``P`` is only a basis, orthogonalized after the
+sum, so its rounding needs no correction; the residual is taken against the *rounded*
+``Q_w`` that is actually sent, so error feedback also absorbs ``Q``'s rounding.
+
 A tensor is compressed only when it saves at least half the bytes,
 ``(rows + cols) * rank * 2 <= rows * cols`` (PyTorch's ``min_compression_rate=2``).
 """
@@ -56,6 +61,7 @@ class PowerSGD(Compressor):
         super().__init__(cfg)
         self.warm_start = warm_start
         self.qs: dict[str, torch.Tensor] = {}
+        self.wire = getattr(torch, cfg.wire_dtype)
 
     def accepts(self, shape: tuple[int, ...]) -> bool:
         if len(shape) < 2:
@@ -80,16 +86,18 @@ class PowerSGD(Compressor):
         return LowRankPayload(m, p, grad.shape, grad.dtype)
 
     def communicate(self, name: str, payload: LowRankPayload) -> Pending:
-        m, p = payload.m, payload.p
+        m, p = payload.m, payload.p.to(self.wire)
         comm.all_reduce(p, self.counter, self.group)
-        p = torch.linalg.qr(p, mode="reduced").Q
-        q = m.t() @ p
+        p = torch.linalg.qr(p.to(torch.float32), mode="reduced").Q
+        q = (m.t() @ p).to(self.wire)
         if self.keeps_residual(name):
-            m.sub_(p @ q.t())  # m is the residual buffer: residual = M - P Q_w^T
+            # m is the residual buffer: residual = M - P Q_w^T, Q_w as sent (rounded)
+            m.sub_(p @ q.to(torch.float32).t())
         work = comm.all_reduce(q, self.counter, self.group, async_op=True)
 
         def finish() -> torch.Tensor:
-            q.div_(self.world_size)
+            nonlocal q
+            q = q.to(torch.float32).div_(self.world_size)
             if self.warm_start:
                 self.qs[name] = q
             return (p @ q.t()).view(payload.shape)

@@ -35,6 +35,7 @@ import torch.distributed as dist
 from zentrain.compress.base import Compressor, Pending, derive_seed, generator
 from zentrain.sync.base import SparseReducer
 from zentrain.sync.comm import ByteCounter
+from zentrain.sync.omnireduce import ParallelReducer
 
 if TYPE_CHECKING:
     from zentrain.compress import CompressConfig
@@ -47,13 +48,13 @@ class SparsePayload:
     indices: torch.Tensor
     """int64 positions in the flattened tensor (no duplicates)."""
     values: torch.Tensor
-    """float32 values at ``indices``."""
+    """Values at ``indices``, in ``compress.wire_dtype`` (float32 or bfloat16)."""
     shape: torch.Size
     dtype: torch.dtype
 
     def to_dense(self) -> torch.Tensor:
         out = torch.zeros(self.shape.numel(), dtype=torch.float32, device=self.values.device)
-        out[self.indices] = self.values
+        out[self.indices] = self.values.to(torch.float32)
         return out.view(self.shape)
 
 
@@ -76,6 +77,31 @@ def topk_abs(x: torch.Tensor, k: int) -> torch.Tensor:
     return cand[torch.topk(x[cand].abs(), k, sorted=False).indices]
 
 
+def keep_largest(indices: torch.Tensor, values: torch.Tensor, starts: torch.Tensor,
+                 budgets: torch.Tensor) -> torch.Tensor:
+    """Mask of the ``budgets[s]`` largest ``|values|`` among the ``indices`` of segment ``s``
+    (``starts[s] <= index < starts[s + 1]``); ties go to the lower index.
+
+    Deterministic on CPU and CUDA (stable sorts, no ``topk``), so every rank that runs it
+    on the same rows keeps the same ones. ``indices`` must be ascending (reducer output).
+    """
+    n = indices.numel()
+    if n == 0:
+        return torch.zeros(0, dtype=torch.bool, device=indices.device)
+    starts, budgets = starts.to(indices.device), budgets.to(indices.device)
+    seg = torch.bucketize(indices, starts[1:-1], right=True)
+    mag = values.reshape(n, -1).abs().amax(1).to(torch.float32)
+    order = torch.argsort(mag, descending=True, stable=True)
+    order = order[torch.argsort(seg[order], stable=True)]  # by segment, largest first
+    s_ord = seg[order]
+    counts = torch.bincount(s_ord, minlength=budgets.numel())
+    first = torch.cumsum(counts, 0) - counts
+    place = torch.arange(n, device=indices.device) - first[s_ord]
+    keep = torch.zeros(n, dtype=torch.bool, device=indices.device)
+    keep[order] = place < budgets[s_ord]
+    return keep
+
+
 def default_reducer_factory(scheme: str) -> ReducerFactory:
     def make(group: dist.ProcessGroup | None, counter: ByteCounter) -> SparseReducer:
         from zentrain.sync.reducers import build_reducer
@@ -96,6 +122,7 @@ class TopK(Compressor):
         self._reducer_states: dict[str, Any] = {}
         self._queue: list[tuple[str, SparsePayload]] = []
         self._results: dict[str, torch.Tensor] = {}
+        self.wire = getattr(torch, cfg.wire_dtype)
         super().__init__(cfg)
 
     def bind(self, group: dist.ProcessGroup | None, counter: ByteCounter,
@@ -124,11 +151,14 @@ class TopK(Compressor):
             acc = self.accumulate(name, grad)
         idx = self.select(name, acc, self.k(acc.numel()))
         vals = acc[idx]  # a copy: the residual can be cleared below without touching it
+        sent = vals.to(self.wire)
         if self.keeps_residual(name):
-            acc[idx] = 0.0
+            # float32: 0. bfloat16: the rounding error, exact in float32, so that
+            # sent + residual == accumulated still holds bit for bit.
+            acc[idx] = vals - sent.to(torch.float32) if sent is not vals else 0.0
             if self.cfg.momentum_correction:
                 self.momenta[name][idx] = 0.0
-        return SparsePayload(idx, vals, grad.shape, grad.dtype)
+        return SparsePayload(idx, sent, grad.shape, grad.dtype)
 
     def reducer(self, name: str) -> SparseReducer:
         r = self.reducers.get(name)
@@ -158,12 +188,43 @@ class TopK(Compressor):
             total += pl.shape.numel()
         idx = torch.cat([pl.indices + off for off, (_, pl) in zip(offsets, queue)])
         vals = torch.cat([pl.values for _, pl in queue])
-        idx, vals = self.reducer("fused").reduce(idx, vals.unsqueeze(1), total)
+        if self.cfg.global_topk:
+            idx, vals = self._reduce_global(queue, offsets, total, idx, vals)
+        else:
+            idx, vals = self.reducer("fused").reduce(idx, vals.unsqueeze(1), total)
         out = torch.zeros(total, dtype=torch.float32, device=vals.device)
         out[idx] = vals.reshape(-1).to(torch.float32)
         out.div_(self.world_size)
         for off, (name, pl) in zip(offsets, queue):
             self._results[name] = out[off:off + pl.shape.numel()].view(pl.shape)
+
+    def _reduce_global(self, queue, offsets, total, idx, vals):
+        """gTop-k: reduce, keeping each matrix's ``k`` largest sums; dropped entries of
+        this rank go back to its residual."""
+        red = self.reducer("fused")
+        starts = torch.tensor([*offsets, total], dtype=torch.int64)
+        budgets = torch.tensor([self.k(pl.shape.numel()) for _, pl in queue])
+        on_servers = isinstance(red, ParallelReducer) and getattr(red, "block_elems", None) is None
+        if on_servers:  # each server keeps its share of every matrix's k
+            red.server_filter = lambda i, v, n: keep_largest(i, v, starts, -(-budgets // n))
+        try:
+            out_idx, out_vals = red.reduce(idx, vals.unsqueeze(1), total)
+        finally:
+            red.server_filter = None
+        if not on_servers:  # same rows on every rank: the same selection everywhere
+            keep = keep_largest(out_idx, out_vals, starts, budgets)
+            out_idx, out_vals = out_idx[keep], out_vals[keep]
+        for off, (name, pl) in zip(offsets, queue):
+            if not self.keeps_residual(name) or pl.indices.numel() == 0:
+                continue
+            mine = pl.indices + off
+            pos = torch.searchsorted(out_idx, mine).clamp_(max=max(out_idx.numel() - 1, 0))
+            dropped = (out_idx[pos] != mine) if out_idx.numel() else torch.ones_like(
+                mine, dtype=torch.bool)
+            # The residual there holds 0 (or the rounding error): adding the sent value
+            # restores the accumulated entry exactly.
+            self.residuals[name][pl.indices[dropped]] += pl.values[dropped].to(torch.float32)
+        return out_idx, out_vals
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(),

@@ -6,7 +6,9 @@
 The policy (``zentrain.compress.select_params``) picks the weight matrices worth
 compressing; the wrapped ``GradSync`` never sees them (they are hidden from its
 ``prepare``) and keeps syncing everything else — small tensors, biases, norms and embedding
-tables — on its normal path, e.g. ZEN for the tables. With ``compress.method_for`` the
+tables — on its normal path, e.g. ZEN for the tables. A table named in
+``compress.method_for`` is compressed instead (a sparse gradient is made dense first; the
+result is written back dense). With ``compress.method_for`` the
 compressor is a ``Mixed`` one: each parameter goes to the compressor of its own method.
 
 Compressed parameters are launched from post-accumulate-grad hooks strictly in a fixed
@@ -116,6 +118,8 @@ class CompressedSync(GradSync):
     def _launch(self, u: _Unit) -> None:
         p = u.param
         grad = p.grad if p.grad is not None else torch.zeros_like(p)
+        if grad.is_sparse:  # an embedding table named in compress.method_for
+            grad = grad.coalesce().to_dense()
         if self.compressor.step < self.cfg.warmup_steps:
             flat = grad.detach().to(torch.float32, copy=True).div_(self.world_size)
             work = comm.all_reduce(flat, self.compress_counter, self.compressor.group,
@@ -131,7 +135,7 @@ class CompressedSync(GradSync):
 
     @staticmethod
     def _write(p: nn.Parameter, value: torch.Tensor) -> None:
-        if p.grad is None:
+        if p.grad is None or p.grad.is_sparse:
             p.grad = value.to(p.dtype).view_as(p)
         else:
             p.grad.copy_(value.view_as(p.grad))

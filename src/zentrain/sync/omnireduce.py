@@ -18,6 +18,10 @@ and a server (co-located, as in ZEN §3.1):
    all-gather padded to the largest server. Every rank decodes the same bytes, so all
    end with the server-computed bits: identical everywhere.
 
+A caller may set ``server_filter`` for its calls (``compress.global_topk`` does): each
+server applies it to its aggregated rows between steps 4 and 5, so only the rows it keeps
+are pulled. Every rank decodes what the servers kept, so results stay bit-identical.
+
 ``last_stats`` adds ``codec_s``: seconds spent partitioning, encoding and decoding (ZEN
 reports the same figure as ``hash_s``).
 
@@ -32,6 +36,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -58,8 +63,16 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+ServerFilter = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
+
+
 class ParallelReducer(RowReducer):
     """Push / aggregate / Pull; subclasses choose the partition and the Pull index format."""
+
+    server_filter: ServerFilter | None = None
+    """``(indices, summed values, number of servers) -> bool mask`` of the rows a server
+    pulls back; None keeps all (lossless). Ids are the scheme's units (rows, or
+    OmniReduce's blocks)."""
 
     def _partition(self, idx: torch.Tensor, num_rows: int) -> Partition:
         raise NotImplementedError
@@ -208,6 +221,9 @@ def _push(jobs: list[_Job], n: int, me: int, dev: torch.device, counter, group) 
         buf = torch.cat(mine).view(-1, j.width)
         j.sidx, j.svals = sum_rows_ordered(
             *unpack_coo(buf, j.idt, j.vals.dtype, tuple(j.vals.shape[1:])))
+        if j.red.server_filter is not None:
+            keep = j.red.server_filter(j.sidx, j.svals, n)
+            j.sidx, j.svals = j.sidx[keep], j.svals[keep]
 
 
 def _pull(jobs: list[_Job], srows: list[list[int]], n: int, me: int, dev: torch.device,
