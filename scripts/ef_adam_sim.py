@@ -102,6 +102,8 @@ def main() -> None:
     ap.add_argument("--gtopk", action="store_true",
                     help="topk_ef: keep only the k largest |sums| of the ranks' union (global "
                          "top-k); each rank's dropped entries go back to its residual")
+    ap.add_argument("--gtopk-factor", type=float, default=1.0,
+                    help="--gtopk keeps this many times k sums")
     ap.add_argument("--wire", choices=["float32", "bfloat16"], default="float32",
                     help="dtype of the values on the wire (top-k values and PowerSGD factors); "
                          "the rounding of what a rank sends stays in its residual")
@@ -198,7 +200,7 @@ def main() -> None:
                     acc_sum += sent
                     sents.append((sent, ef))
                 if a.gtopk:  # the k largest sums survive; the rest return to the residuals
-                    keep = keep_topk(acc_sum, k) != 0
+                    keep = keep_topk(acc_sum, min(p.numel(), round(k * a.gtopk_factor))) != 0
                     acc_sum = acc_sum * keep
                     for r, (sent, ef) in enumerate(sents):
                         if ef:
@@ -273,7 +275,7 @@ def main() -> None:
     print(json.dumps({"method": method, "ratio": ratio, "steps": steps, "ef_decay": a.ef_decay, "ef21_momentum": a.ef21_momentum,
                       "dense_first": a.dense_first, "skip": a.skip,
                       "comp_lr_scale": a.comp_lr_scale, "select": a.select, "explore": a.explore, "clip": a.clip, "ef_params": a.ef_params, "ratio_for": a.ratio_for, "powersgd_for": a.powersgd_for, "rank": a.rank,
-                      "gtopk": a.gtopk, "wire": a.wire, "embed": a.embed, "final_loss": last}))
+                      "gtopk": a.gtopk, "gtopk_factor": a.gtopk_factor, "wire": a.wire, "embed": a.embed, "final_loss": last}))
 
 
 if __name__ == "__main__":

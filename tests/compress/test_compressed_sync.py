@@ -49,6 +49,7 @@ CASES = {
     "emb-gtopk": {"method": "topk", "ratio": 0.1, "global_topk": True,
                   "method_for": "emb.weight=topk", "sparse_emb": True, "inner": "zen",
                   "branch": False},
+    "gtopk2": {"method": "topk", "ratio": 0.1, "global_topk": True, "global_topk_factor": 2},
     "topk-bf16": {"method": "topk", "ratio": 0.1, "global_topk": True, "wire_dtype": "bfloat16"},
     "psgd-bf16": {"method": "powersgd", "rank": 2, "wire_dtype": "bfloat16"},
 }
@@ -253,7 +254,7 @@ def test_casts_and_warmup_steps_approximate_the_mean(three, name, tol):
 
 @pytest.mark.parametrize("name,tol", [
     (n, 1e-5) for n in ("topk", "randomk", "powersgd", "qsgd", "sign", "mix", "gtopk",
-                        "gtopk-ag", "emb-gtopk")] + [
+                        "gtopk-ag", "gtopk2", "emb-gtopk")] + [
     # bfloat16 on the wire: a rank's own rounding is fed back, the rounding of the summed
     # result (2^-9 relative, the same on every rank) is not.
     ("topk-bf16", 1e-2), ("psgd-bf16", 1e-2)])
@@ -313,13 +314,17 @@ def test_global_topk_pulls_about_k_entries_per_matrix(three):
     k = {n: math.ceil(0.1 * math.prod(s)) for n, s in r["topk"]["shapes"].items()}
     # Plain top-k returns the union of the ranks' choices: more than k somewhere...
     assert any(st["nnz"][n] > k[n] for st in r["topk"]["steps"] for n in k)
-    for name, per_server in (("gtopk", True), ("gtopk-ag", False), ("topk-bf16", True)):
+    for name, per_server, f in (("gtopk", True, 1), ("gtopk-ag", False, 1),
+                                ("topk-bf16", True, 1), ("gtopk2", True, 2)):
         for st in r[name]["steps"]:
-            for n, kn in k.items():  # ...gTop-k: each ZEN server ceil(k/3), agsparse k
-                assert st["nnz"][n] <= (3 * math.ceil(kn / 3) if per_server else kn), (name, n)
+            for n, kn in k.items():  # ...gTop-k: each ZEN server ceil(f k/3), agsparse f k
+                fk = math.ceil(f * kn)
+                assert st["nnz"][n] <= (3 * math.ceil(fk / 3) if per_server else fk), (name, n)
+    assert any(st["nnz"][n] > 3 * math.ceil(k[n] / 3) for st in r["gtopk2"]["steps"] for n in k)
     # Same first-step selection as plain top-k, fewer bytes: the Pull is ~k, not the union.
     for s in range(STEPS):
-        assert r["gtopk"]["steps"][s]["bytes"] < r["topk"]["steps"][s]["bytes"]
+        assert r["gtopk"]["steps"][s]["bytes"] < r["gtopk2"]["steps"][s]["bytes"] \
+            < r["topk"]["steps"][s]["bytes"]
         assert r["topk-bf16"]["steps"][s]["bytes"] < r["gtopk"]["steps"][s]["bytes"]
 
 

@@ -452,4 +452,6 @@ def test_wire_and_global_topk_options_are_checked():
         _cfg("powersgd", global_topk=True)
     with pytest.raises(ValueError, match="global_topk does not combine with momentum_corr"):
         _cfg("topk", global_topk=True, momentum_correction=True)
+    with pytest.raises(ValueError, match=r"compress.global_topk_factor=0.5 is invalid"):
+        _cfg("topk", global_topk=True, global_topk_factor=0.5)
     assert _cfg("powersgd", global_topk=True, method_for="head.*=topk").global_topk

@@ -77,6 +77,9 @@ class CompressConfig:
     every rank's top-k (about 3x more at 4 ranks). Each ZEN server keeps its share
     (ratio / world of its partition), so the Pull carries ~k entries; each rank puts its
     own dropped entries back into its residual, so with error feedback nothing is lost."""
+    global_topk_factor: float = 1.0
+    """With global_topk: sums kept per tensor, as a multiple of its k (>= 1). 2 pulls twice
+    what each rank sent, still under the union's ~3k at 4 ranks."""
     wire_dtype: str = "float32"
     """topk/randomk values and PowerSGD factors on the wire: float32 or bfloat16 (half the
     value bytes; sums are still taken in float32). What rounding takes from a rank's
@@ -138,6 +141,8 @@ class CompressConfig:
         if self.global_topk and self.method != "none" and "topk" not in self.methods_used:
             raise ValueError("compress.global_topk applies to method topk, which no parameter "
                              f"uses here (methods: {self.label or 'none'})")
+        if self.global_topk_factor < 1.0:
+            raise bad("global_topk_factor", ">= 1 (a multiple of each tensor's k)")
         if self.global_topk and self.momentum_correction:
             raise ValueError("compress.global_topk does not combine with momentum_correction "
                              "(a dropped entry's momentum would have been masked already)")

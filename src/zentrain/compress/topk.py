@@ -199,11 +199,13 @@ class TopK(Compressor):
             self._results[name] = out[off:off + pl.shape.numel()].view(pl.shape)
 
     def _reduce_global(self, queue, offsets, total, idx, vals):
-        """gTop-k: reduce, keeping each matrix's ``k`` largest sums; dropped entries of
-        this rank go back to its residual."""
+        """gTop-k: reduce, keeping each matrix's ``global_topk_factor * k`` largest sums;
+        dropped entries of this rank go back to its residual."""
         red = self.reducer("fused")
         starts = torch.tensor([*offsets, total], dtype=torch.int64)
-        budgets = torch.tensor([self.k(pl.shape.numel()) for _, pl in queue])
+        f = self.cfg.global_topk_factor
+        budgets = torch.tensor([min(pl.shape.numel(), math.ceil(f * self.k(pl.shape.numel())))
+                                for _, pl in queue])
         on_servers = isinstance(red, ParallelReducer) and getattr(red, "block_elems", None) is None
         if on_servers:  # each server keeps its share of every matrix's k
             red.server_filter = lambda i, v, n: keep_largest(i, v, starts, -(-budgets // n))
