@@ -81,6 +81,7 @@ RANGES: dict[str, Range] = {
     "compress.bits": Range(2, 8), "compress.warmup_steps": _NONNEG,
     "compress.min_numel": _ONE_UP, "compress.momentum": _PROB,
     "compress.bucket_size": _ONE_UP, "compress.seed": _NONNEG,
+    "compress.global_topk_factor": _ONE_UP,
 }
 """Allowed values of every numeric field, by dotted key (``data.sources.weight`` covers
 each ``data.sources[i].weight``; a list field's range applies to each element). A test
