@@ -99,6 +99,15 @@ def main() -> None:
                     help="name patterns of matrices synced by PowerSGD (rank --rank, EF, warm "
                          "start) instead of the method's path")
     ap.add_argument("--rank", type=int, default=4)
+    ap.add_argument("--psgd-iters", type=int, default=1,
+                    help="power iterations per step for --powersgd-for (each one more exchange)")
+    ap.add_argument("--psgd-start", type=int, default=0,
+                    help="--powersgd-for matrices are sent exactly (dense mean) before this step "
+                         "(compress.warmup_steps)")
+    ap.add_argument("--psgd-precond", action="store_true",
+                    help="approximate g / (sqrt(v) + eps) (v: the shared AdamW second moment) "
+                         "and scale back, so the rank-r error is small where AdamW's steps are "
+                         "large")
     ap.add_argument("--gtopk", action="store_true",
                     help="topk_ef: keep only the k largest |sums| of the ranks' union (global "
                          "top-k); each rank's dropped entries go back to its residual")
@@ -176,14 +185,21 @@ def main() -> None:
             if method == "none":
                 continue
             if id(p) in psgd:  # PowerSGD (Vogels et al. 2019), as compress/powersgd.py does it
-                ms = [grads[r][id(p)] + resid[r][id(p)] for r in range(world)]
-                psum = sum((m @ qs[id(p)]).to(wire).float() for m in ms).to(wire).float()
-                pm = torch.linalg.qr(psum, mode="reduced").Q
-                qr_ = [(m.t() @ pm).to(wire).float() for m in ms]
-                for r in range(world):
-                    resid[r][id(p)] = ms[r] - pm @ qr_[r].t()
-                qs[id(p)] = sum(qr_).to(wire).float() / world
-                mean[id(p)] = pm @ qs[id(p)].t()
+                if step < a.psgd_start:
+                    continue
+                ef = id(p) not in noef
+                v = opt.state[p].get("exp_avg_sq") if a.psgd_precond else None
+                sc = torch.ones_like(p) if v is None else 1 / (v.sqrt() + 1e-8)
+                ms = [(grads[r][id(p)] + (resid[r][id(p)] if ef else 0)) * sc for r in range(world)]
+                for _ in range(a.psgd_iters):
+                    psum = sum((m @ qs[id(p)]).to(wire).float() for m in ms).to(wire).float()
+                    pm = torch.linalg.qr(psum, mode="reduced").Q
+                    qr_ = [(m.t() @ pm).to(wire).float() for m in ms]
+                    qs[id(p)] = sum(qr_).to(wire).float() / world
+                if ef:
+                    for r in range(world):
+                        resid[r][id(p)] = (ms[r] - pm @ qr_[r].t()) / sc
+                mean[id(p)] = pm @ qs[id(p)].t() / sc
                 continue
             if method in ("topk_ef", "topk_noef"):
                 acc_sum = torch.zeros_like(p)
@@ -275,6 +291,7 @@ def main() -> None:
     print(json.dumps({"method": method, "ratio": ratio, "steps": steps, "ef_decay": a.ef_decay, "ef21_momentum": a.ef21_momentum,
                       "dense_first": a.dense_first, "skip": a.skip,
                       "comp_lr_scale": a.comp_lr_scale, "select": a.select, "explore": a.explore, "clip": a.clip, "ef_params": a.ef_params, "ratio_for": a.ratio_for, "powersgd_for": a.powersgd_for, "rank": a.rank,
+                      "psgd_iters": a.psgd_iters, "psgd_start": a.psgd_start, "psgd_precond": a.psgd_precond,
                       "gtopk": a.gtopk, "gtopk_factor": a.gtopk_factor, "wire": a.wire, "embed": a.embed, "final_loss": last}))
 
 

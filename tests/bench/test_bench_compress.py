@@ -54,6 +54,8 @@ def test_tiny_loopback_run(tmp_path, cache, capsys):
     assert topk["compressors"] == "topk+powersgd" and none["compressors"] == ""
     assert bc_show.label("topk", topk) == "topk: topk+powersgd"
     assert bc_show.label("none", none) == "none"
+    assert bc_show.label("topk", {"compressors": "topk, global top-k 2x, bf16 wire"}) == \
+        "topk (global top-k 2x, bf16 wire)"
     summary = json.loads((Path(topk["run_dir"]) / "summary.json").read_text())
     assert summary["sync"] == "zen+topk+powersgd"
     assert json.loads((Path(none["run_dir"]) / "summary.json").read_text())["sync"] == "zen"

@@ -448,3 +448,14 @@ def test_wire_and_global_topk_options_are_checked():
     with pytest.raises(ValueError, match=r"compress.global_topk_factor=0.5 is invalid"):
         _cfg("topk", global_topk=True, global_topk_factor=0.5)
     assert _cfg("powersgd", global_topk=True, method_for="head.*=topk").global_topk
+
+
+def test_options_name_what_changes_the_payload():
+    assert CompressConfig().options == [] and _cfg("topk").options == []
+    assert _cfg("topk", global_topk=True, global_topk_factor=2, wire_dtype="bfloat16",
+                error_feedback_params="head.*").options == \
+        ["global top-k 2x", "bf16 wire", "EF on head.*"]
+    assert _cfg("powersgd", error_feedback=False, warmup_steps=5).options == \
+        ["no EF", "5 dense steps"]
+    # the label names state (checked on load), so options stay out of it
+    assert _cfg("topk", global_topk=True).label == "topk"

@@ -64,7 +64,8 @@ class CompressPlan(e2e.Plan):
     """Per method: entries of the parameters its policy compresses (0: none)."""
     compressors: dict[str, str] = field(default_factory=dict)
     """Per method: the compressors its run uses, e.g. ``topk+powersgd`` with
-    ``compress.method_for`` (empty: none)."""
+    ``compress.method_for`` (empty: none), then the options that change what they send
+    (``topk, global top-k 2x, bf16 wire``)."""
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -160,7 +161,8 @@ def build_plan(args: argparse.Namespace) -> CompressPlan:
 def check_method(plan: CompressPlan, method: str) -> tuple[int, str]:
     """Load the method's config and apply the policy on a meta-device model, before any rank
     starts: a bad option or a policy that picks nothing is a one-line error. Returns the
-    number of entries the method compresses and its compressors (``topk+powersgd``)."""
+    number of entries the method compresses and its compressors with the options that
+    change what they send (``topk+powersgd, global top-k 2x, bf16 wire``)."""
     from zentrain.train import check_compression
 
     cfg = load_config(plan.config, [*plan.overrides, *plan.system_sets[method]])
@@ -168,7 +170,7 @@ def check_method(plan: CompressPlan, method: str) -> tuple[int, str]:
         numel = check_compression(cfg)
     except ConfigError as e:
         raise ConfigError(f"--methods {method}: {e}") from None
-    return numel, cfg.compress.label
+    return numel, ", ".join([cfg.compress.label, *cfg.compress.options]).strip(", ")
 
 
 def canonical_command(plan: CompressPlan, args: argparse.Namespace) -> str:

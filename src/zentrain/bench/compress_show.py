@@ -42,9 +42,11 @@ def _x(v: float | None, digits: int = 2) -> str:
 
 
 def label(method: str, s: dict[str, Any]) -> str:
-    """The method's name, with its compressors when ``compress.method_for`` mixed them in."""
-    comp = s.get("compressors") or method
-    return method if comp == method else f"{method}: {comp}"
+    """The method's name, with its compressors when ``compress.method_for`` mixed them in
+    and the options that change what they send: ``topk: topk+powersgd (bf16 wire)``."""
+    names, _, opts = (s.get("compressors") or method).partition(", ")
+    head = method if names == method else f"{method}: {names}"
+    return f"{head} ({opts})" if opts else head
 
 
 def print_result(result: dict[str, Any], console: Any) -> None:

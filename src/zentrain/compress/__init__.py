@@ -190,6 +190,28 @@ class CompressConfig:
         return "+".join(self.methods_used)
 
     @property
+    def options(self) -> list[str]:
+        """The options that change what the methods send, for reports (``global top-k 2x``,
+        ``bf16 wire``); empty at the defaults. Not part of ``label``, which names state."""
+        if self.method == "none" and not self.method_rules:
+            return []
+        out = []
+        if self.global_topk:
+            f = self.global_topk_factor
+            out.append("global top-k" + ("" if f == 1 else f" {f:g}x"))
+        if self.wire_dtype != "float32":
+            out.append(f"{self.wire_dtype.replace('bfloat', 'bf')} wire")
+        if not self.error_feedback:
+            out.append("no EF")
+        elif not self.ef_on_all:
+            out.append(f"EF on {self.error_feedback_params}")
+        if self.momentum_correction:
+            out.append("momentum correction")
+        if self.warmup_steps:
+            out.append(f"{self.warmup_steps} dense steps")
+        return out
+
+    @property
     def ef_patterns(self) -> list[str]:
         return [s.strip() for s in self.error_feedback_params.split(",") if s.strip()]
 
