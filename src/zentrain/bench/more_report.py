@@ -96,7 +96,7 @@ def render_compress_section(results: Results, rel: Any, md_table: Any) -> list[s
         c = d["config"]
         lines += [f"### [{path.stem}]({rel(path)})", "",
                   f"`{c.get('command', 'zentrain bench compress')}` on "
-                  f"{_machine(d['machine'])}, {c.get('date', '')}: {c.get('steps')} steps, "
+                  f"{_machine(d['machine'])}; finished {c.get('date', '?')}: {c.get('steps')} steps, "
                   f"{d['world']} ranks, {d['bandwidth']}; {c.get('wall_time_s', 0) / 60:.0f} "
                   "min in all. Target loss "
                   f"{_r(d.get('target_loss'))} ({d.get('target_source', '')}).", ""]
