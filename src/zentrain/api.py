@@ -38,12 +38,16 @@ class DataParallel(nn.Module):
         ``compress``: None, a method name (``"topk"``, ``"powersgd"``, ...), a dict of
         ``zentrain.compress.CompressConfig`` fields or a ``CompressConfig``; applied to the
         dense parameters the compression policy selects, the rest synced by ``sync``; e.g.
-        ``{"method": "topk", "rank": 8, "method_for": "blocks.*=powersgd"}`` mixes methods."""
+        ``{"method": "topk", "rank": 8, "method_for": "blocks.*=powersgd"}`` mixes methods,
+        and ``{"method": "auto", "rank": 8}`` mixes them by shape (``zentrain.compress.auto``)."""
+        from zentrain.compress import CompressConfig
+        from zentrain.compress.auto import resolve_auto
         from zentrain.sync.compressed import maybe_compress
 
         super().__init__()
         self.module = module
         base = sync if isinstance(sync, GradSync) else build_grad_sync(sync, group, **sync_opts)
+        compress = resolve_auto(CompressConfig.coerce(compress), module)  # "auto": per name
         self.grad_sync = maybe_compress(base, compress)
         if self.grad_sync.world_size > 1:
             # Before any payload collective (the broadcast below, the buckets, DDP's own

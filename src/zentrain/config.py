@@ -169,9 +169,10 @@ class SyncConfig:
     auto_recheck_every: int = 200
     """``auto``: re-profile and re-choose every this many steps (0: never)."""
     compress: Literal["none", "topk", "randomk", "powersgd", "qsgd", "sign", "fp16",
-                      "bf16"] = "none"
+                      "bf16", "auto"] = "none"
     """Lossy compression of dense gradients (its options: the ``[compress]`` section);
-    the same as ``compress.method``."""
+    the same as ``compress.method``. ``auto``: top-k for the output layer, PowerSGD for
+    the other matrices."""
 
 
 @dataclass

@@ -28,6 +28,8 @@ from zentrain import launch
 from zentrain.api import DataParallel
 from zentrain.ckpt import persistent
 from zentrain.ckpt.manager import CheckpointManager
+from zentrain.compress import CompressConfig
+from zentrain.compress.auto import resolve_auto
 from zentrain.config import Config, ConfigError, load_config
 from zentrain.data.corpus import DataError
 from zentrain.metrics import (
@@ -94,22 +96,24 @@ def lr_at(cfg: Config, step: int) -> float:
     return t.lr * (t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
-def check_compression(cfg: Config) -> int:
+def check_compression(cfg: Config) -> tuple[int, CompressConfig]:
     """Apply the compression policy to a meta-device model (no memory, no ranks): a
     pattern that matches nothing or a policy that picks nothing is a one-line
-    ``ConfigError`` before any worker starts. Returns the number of entries compressed."""
+    ``ConfigError`` before any worker starts. Returns the number of entries compressed and
+    the options with ``method="auto"`` resolved for this model."""
     from zentrain.compress import build_compressor, select_params
     from zentrain.models import build_model
 
     if cfg.compress.method == "none":
-        return 0
+        return 0, cfg.compress
     with torch.device("meta"):
         model = build_model(cfg.model)
     try:
-        chosen = select_params(model, cfg.compress, build_compressor(cfg.compress).accepts_param)
+        comp = resolve_auto(cfg.compress, model)
+        chosen = select_params(model, comp, build_compressor(comp).accepts_param)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    return sum(p.numel() for _, p in chosen)
+    return sum(p.numel() for _, p in chosen), comp
 
 
 def sync_label(cfg: Config) -> str:
@@ -184,6 +188,9 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         model = build_model(cfg.model).to(d.device)
         self.model = model
+        # "auto" becomes per-name methods here, so the log, the summary and the
+        # compressor's state all name what runs (topk for head.weight, ...)
+        cfg.compress = resolve_auto(cfg.compress, model)
         self.dp = DataParallel(model, sync=cfg.sync.scheme, bucket_mb=cfg.sync.bucket_mb,
                                compress=cfg.compress, **_sync_opts(cfg))
         self.optim = build_optimizer(cfg, model)

@@ -41,7 +41,9 @@ from zentrain.bench.cluster import RanksFailed, check_emulation, parse_bandwidth
 from zentrain.bench.compress_show import BASELINE, dumps, plot, print_result
 from zentrain.config import ConfigError, load_config
 
-METHODS = ("none", "topk", "randomk", "powersgd", "qsgd", "sign", "fp16", "bf16", "ddp")
+METHODS = ("none", "topk", "randomk", "powersgd", "qsgd", "sign", "fp16", "bf16", "ddp", "auto")
+DEFAULT_METHODS = METHODS[:-1]
+"""``auto`` (top-k for the output layer, PowerSGD for the rest) runs when asked for."""
 REFERENCE = "none"
 """Losses, bytes and step times are compared with this method (lossless, same scheme)."""
 TARGET_SLACK = 1.03
@@ -79,7 +81,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--bandwidth", default="1gbit",
                    help="link rate of the emulated cluster (1gbit), or 'none' for loopback")
     p.add_argument("--latency", default=None, help="one-way link delay (needs netem)")
-    p.add_argument("--methods", default=",".join(METHODS),
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                    help=f"comma list from {','.join(METHODS)} (must include none)")
     p.add_argument("--ratio", type=float, default=0.01, help="topk/randomk: kept fraction")
     p.add_argument("--rank", type=int, default=4, help="powersgd: rank (4)")
@@ -167,10 +169,10 @@ def check_method(plan: CompressPlan, method: str) -> tuple[int, str]:
 
     cfg = load_config(plan.config, [*plan.overrides, *plan.system_sets[method]])
     try:
-        numel = check_compression(cfg)
+        numel, comp = check_compression(cfg)
     except ConfigError as e:
         raise ConfigError(f"--methods {method}: {e}") from None
-    return numel, ", ".join([cfg.compress.label, *cfg.compress.options]).strip(", ")
+    return numel, ", ".join([comp.label, *comp.options]).strip(", ")
 
 
 def canonical_command(plan: CompressPlan, args: argparse.Namespace) -> str:
