@@ -61,6 +61,8 @@ def test_models_without_a_vocabulary_matrix_get_powersgd_everywhere():
     assert vocab_matrices(mlp) == []
     tied = TinyLM(tied=True)  # the head is the table itself: left to the sparse scheme
     assert vocab_matrices(tied) == []
+    wide = nn.ModuleDict({"emb": nn.Embedding(16, 32), "out": nn.Linear(32, 16)})
+    assert vocab_matrices(wide) == []  # 16 rows, 32 wide: not a vocabulary
     frozen = TinyLM()
     frozen.head.weight.requires_grad_(False)
     assert vocab_matrices(frozen) == []

@@ -13,9 +13,9 @@ other matrix did (rank 8: 1.005x). The two kinds of matrix differ in their gradi
 ``resolve_auto`` turns ``auto`` into those per-name rules for one model (``method =
 "powersgd"``, ``method_for = "<vocab matrices>=topk"``), so the rest of the package only
 ever sees ordinary methods. The vocabulary is the row count of the model's largest
-embedding table; a model without one gets PowerSGD on every matrix. The tables
-themselves stay with the wrapped sparse scheme, as for any method, unless a
-``method_for`` entry names them (the user's entries come first and win).
+embedding table when it has more rows than columns; a model without one gets PowerSGD
+on every matrix. The tables themselves stay with the wrapped sparse scheme, as for any
+method, unless a ``method_for`` entry names them (the user's entries come first and win).
 """
 
 from __future__ import annotations
@@ -28,11 +28,13 @@ from zentrain.compress import CompressConfig
 
 
 def vocab_size(model: nn.Module) -> int | None:
-    """Rows of the model's largest embedding table; None without one."""
+    """Rows of the model's largest embedding table; None without one, or when that table
+    is not taller than wide (then it is not a vocabulary, and its row count could equal a
+    hidden size by chance)."""
     from zentrain.sync.sparse import embedding_params
 
-    rows = [p.shape[0] for p in embedding_params(model)]
-    return max(rows) if rows else None
+    tables = sorted((p.shape[0], p.shape[1]) for p in embedding_params(model))
+    return tables[-1][0] if tables and tables[-1][0] > tables[-1][1] else None
 
 
 def vocab_matrices(model: nn.Module) -> list[str]:
