@@ -459,3 +459,21 @@ def test_options_name_what_changes_the_payload():
         ["no EF", "5 dense steps"]
     # the label names state (checked on load), so options stay out of it
     assert _cfg("topk", global_topk=True).label == "topk"
+
+
+def _gtopk_digest(rank, world):
+    from zentrain.sync import comm
+    c = build_compressor(CompressConfig(method="topk", ratio=0.02, global_topk=True))
+    c.bind(torch.distributed.group.WORLD, comm.ByteCounter())
+    g = torch.Generator().manual_seed(rank)
+    grads = {f"w{i}": torch.randn(96, 64, generator=g) for i in range(3)}
+    pend = [c.communicate(n, c.compress(n, x)) for n, x in grads.items()]
+    return [p.wait().nonzero().flatten().tolist() for p in pend]
+
+
+def test_global_topk_keeps_the_same_entries_in_every_run():
+    # Each ZEN server keeps the largest sums of its own partition, so the hash seeds decide
+    # which entries survive: they must come from compress.seed, not from the OS.
+    from zentrain.testing import run_ranks
+    first, second = run_ranks(_gtopk_digest, 3), run_ranks(_gtopk_digest, 3)
+    assert first[0] == first[2] and first == second

@@ -102,10 +102,16 @@ def keep_largest(indices: torch.Tensor, values: torch.Tensor, starts: torch.Tens
     return keep
 
 
-def default_reducer_factory(scheme: str) -> ReducerFactory:
+def default_reducer_factory(scheme: str, seed: int = 0) -> ReducerFactory:
+    """``scheme``'s reducer. ZEN's hash seeds come from ``seed`` (``compress.seed``), not
+    drawn at random: with ``global_topk`` each server keeps its share of the largest sums
+    *of its partition*, so which entries survive depends on the partition, and a random
+    one would make two runs with the same seed differ."""
+    opts = {"seed": derive_seed(seed, "topk-zen")} if scheme == "zen" else {}
+
     def make(group: dist.ProcessGroup | None, counter: ByteCounter) -> SparseReducer:
         from zentrain.sync.reducers import build_reducer
-        return build_reducer(scheme, group, counter)
+        return build_reducer(scheme, group, counter, **opts)
     return make
 
 
@@ -116,7 +122,8 @@ class TopK(Compressor):
 
     def __init__(self, cfg: CompressConfig,
                  reducer_factory: ReducerFactory | None = None) -> None:
-        self.reducer_factory = reducer_factory or default_reducer_factory(cfg.sparse_scheme)
+        self.reducer_factory = reducer_factory or default_reducer_factory(cfg.sparse_scheme,
+                                                                          cfg.seed)
         self.reducers: dict[str, SparseReducer] = {}
         self.momenta: dict[str, torch.Tensor] = {}
         self._reducer_states: dict[str, Any] = {}
