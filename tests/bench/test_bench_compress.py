@@ -141,6 +141,11 @@ def test_check_targets_names_the_differences_from_the_issue():
     got = {t["target"]: t for t in bc.check_targets(res)}
     assert got["top-k 1% + EF + zen: <= 1/20 of none's bytes"]["setting"] == [
         "steps 50 (issue: 500)", "--set compress.error_feedback=false"]
+    # the method's own option: a rank-8 run does not pass for the rank-4 target unnoticed
+    res["config"].update(rank=8, ratio=0.01)
+    got = {t["target"]: t for t in bc.check_targets(res)}
+    assert got["PowerSGD rank 4: <= 1/20 of none's bytes"]["setting"][-1] == "rank 8 (issue: 4)"
+    assert got["top-k 1% + EF + zen: <= 1/20 of none's bytes"]["setting"][-1].startswith("--set")
 
 
 def test_json_keeps_curves_compact(tmp_path):
