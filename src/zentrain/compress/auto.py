@@ -27,28 +27,21 @@ from torch import nn
 from zentrain.compress import CompressConfig
 
 
-def vocab_size(model: nn.Module) -> int | None:
-    """Rows of the model's largest embedding table; None without one, or when that table
-    is not taller than wide (then it is not a vocabulary, and its row count could equal a
-    hidden size by chance)."""
-    from zentrain.sync.sparse import embedding_params
-
-    tables = sorted((p.shape[0], p.shape[1]) for p in embedding_params(model))
-    return tables[-1][0] if tables and tables[-1][0] > tables[-1][1] else None
-
-
 def vocab_matrices(model: nn.Module) -> list[str]:
     """Trainable float matrices (not embedding tables) with a dimension equal to the
-    vocabulary: the output layer, and any other vocabulary-indexed projection."""
+    vocabulary: the output layer, and any other vocabulary-indexed projection. The
+    vocabulary is the row count of the largest table, if that table is taller than wide
+    (otherwise it is no vocabulary, and its row count could equal a hidden size)."""
     from zentrain.sync.sparse import embedding_params
 
-    vocab = vocab_size(model)
-    if vocab is None:
+    tables = embedding_params(model)
+    rows, cols = max((tuple(p.shape[:2]) for p in tables), default=(0, 0))
+    if rows <= cols:
         return []
-    tables = {id(p) for p in embedding_params(model)}
+    ids = {id(p) for p in tables}
     return [n for n, p in model.named_parameters()
             if p.dim() == 2 and p.requires_grad and p.is_floating_point()
-            and id(p) not in tables and vocab in p.shape]
+            and id(p) not in ids and rows in p.shape]
 
 
 def resolve_auto(cfg: CompressConfig, model: nn.Module) -> CompressConfig:
