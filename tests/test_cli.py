@@ -108,6 +108,15 @@ def test_bad_input_is_a_one_line_error(tmp_path, args, match):
     assert len(lines) == 1 and match in lines[0], r.stderr
 
 
+def test_a_corrupt_latest_pointer_is_a_one_line_error(tmp_path):
+    (tmp_path / "old" / "checkpoints" / "step_000004").mkdir(parents=True)
+    (tmp_path / "old" / "checkpoints" / "latest").write_text("four")
+    r = zentrain("run", "--resume", "--run-dir", "old", cwd=tmp_path)
+    lines = [x for x in r.stderr.splitlines() if x.startswith("zentrain: error:")]
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert "latest holds 'four', not a step number" in lines[0]
+
+
 def test_empty_corpus_and_too_many_ranks(tmp_path, cache):
     (tmp_path / "empty.txt").write_text("")
     r = zentrain("run", "--set", 'data.paths=["empty.txt"]', cwd=tmp_path, cache=cache)

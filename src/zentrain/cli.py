@@ -66,6 +66,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.resume and not (run_dir / "checkpoints" / "latest").is_file():
         raise ConfigError(f"--resume: no committed checkpoint in {run_dir}/checkpoints "
                           "(pass the --run-dir of an earlier run)")
+    if cfg.checkpoint.resume:  # a bad `latest` fails here once, not in every worker
+        from zentrain.ckpt.persistent import latest_step
+
+        try:
+            latest_step(run_dir)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     if args.nodes > 1:
         return _run_nodes(args, cfg, run_dir, train_args)
     if args.emulate_bandwidth is not None:

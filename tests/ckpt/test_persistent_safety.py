@@ -99,3 +99,15 @@ def test_everything_the_trainer_stores_loads_with_weights_only(tmp_path):
         assert torch.equal(a, b)
     st, so = optim.state_dict()["state"][0], other_optim.state_dict()["state"][0]
     assert all(torch.equal(st[k], so[k]) for k in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"))
+
+
+def test_latest_pointer_is_read_or_refused_in_one_line(tmp_path):
+    root = tmp_path / "checkpoints"
+    (root / "step_000004").mkdir(parents=True)
+    latest = root / "latest"
+    for text, want in (("4\n", 4), ("step_000004", 4), ("8", None)):  # 8: no such directory
+        latest.write_text(text)
+        assert persistent.latest_step(tmp_path) == want
+    latest.write_text("four")
+    with pytest.raises(ValueError, match=r"holds 'four', not a step number"):
+        persistent.latest_step(tmp_path)

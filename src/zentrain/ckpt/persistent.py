@@ -150,7 +150,12 @@ def latest_step(run_dir: Path) -> int | None:
     f = _dir(run_dir) / "latest"
     if not f.is_file():
         return None
-    step = int(f.read_text().strip())
+    text = f.read_text().strip()
+    try:  # "4" as commit writes it; "step_000004" (a directory name) is accepted too
+        step = int(text.removeprefix("step_"))
+    except ValueError:
+        raise ValueError(f"{f} holds {text!r}, not a step number: write the step to "
+                         f"resume from (one of the step_N directories beside it)") from None
     return step if (_dir(run_dir) / f"step_{step:06d}").is_dir() else None
 
 
