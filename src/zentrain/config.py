@@ -41,6 +41,10 @@ class ModelConfig:
     """GPT: dropout probability."""
     sparse_embedding: bool = False
     """Make embedding tables produce torch sparse COO gradients instead of dense ones."""
+    tie_embeddings: bool = False
+    """GPT: the output layer shares the token table's weight, as in GPT-2. The table's
+    gradient is then dense (the head's, for every token), so a sparse scheme syncs it
+    whole; ``compress.method = "auto"`` gives it top-k. Needs ``sparse_embedding = false``."""
     num_fields: int = 26
     """DeepFM: number of categorical fields (Criteo has 26)."""
     num_dense: int = 13
@@ -364,6 +368,9 @@ def validate(cfg: Config) -> Config:
     if cfg.model.d_model % cfg.model.n_head:
         raise ConfigError(f"model.d_model ({cfg.model.d_model}) must be divisible by "
                           f"model.n_head ({cfg.model.n_head})")
+    if cfg.model.tie_embeddings and cfg.model.sparse_embedding:
+        raise ConfigError("model.tie_embeddings = true needs model.sparse_embedding = false "
+                          "(the tied head gives the table a dense gradient)")
     s = cfg.sync
     if s.scheme == "auto" and s.auto_recheck_every and \
             s.auto_recheck_every <= s.auto_profile_steps:

@@ -9,7 +9,7 @@ from torch import nn
 
 import zentrain
 from zentrain.compress import CompressConfig, build_compressor, select_params
-from zentrain.compress.auto import resolve_auto, vocab_matrices
+from zentrain.compress.auto import resolve_auto, tied_tables, vocab_matrices
 from zentrain.config import Config
 from zentrain.models import build_model
 from zentrain.testing import run_ranks
@@ -59,8 +59,7 @@ def test_user_rules_come_first_and_other_methods_pass_through():
 def test_models_without_a_vocabulary_matrix_get_powersgd_everywhere():
     mlp = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 8))
     assert vocab_matrices(mlp) == []
-    tied = TinyLM(tied=True)  # the head is the table itself: left to the sparse scheme
-    assert vocab_matrices(tied) == []
+    assert vocab_matrices(TinyLM(tied=True)) == []  # the head is the table (next test)
     wide = nn.ModuleDict({"emb": nn.Embedding(16, 32), "out": nn.Linear(32, 16)})
     assert vocab_matrices(wide) == []  # 16 rows, 32 wide: not a vocabulary
     frozen = TinyLM()
@@ -69,6 +68,21 @@ def test_models_without_a_vocabulary_matrix_get_powersgd_everywhere():
     cfg = resolve_auto(CompressConfig(method="auto", global_topk=True), mlp)
     assert (cfg.method, cfg.method_for, cfg.global_topk) == ("powersgd", "", False)
     assert resolve_auto(CompressConfig(method="auto", global_topk=True), TinyLM()).global_topk
+
+
+def test_a_table_tied_to_the_head_gets_topk():
+    # its gradient is the head's, dense: the sparse scheme would send it whole
+    tied = TinyLM(tied=True)
+    assert tied_tables(tied) == ["tok.weight"] and tied_tables(TinyLM()) == []
+    cfg = resolve_auto(CompressConfig(method="auto", min_numel=256), tied)
+    assert cfg.method_for == "tok.weight=topk"
+    assert {n: cfg.method_of(n) for n, _ in select_params(tied, cfg)} == \
+        {"tok.weight": "topk", "fc.weight": "powersgd", "proj.weight": "powersgd"}
+    own = resolve_auto(CompressConfig(method="auto", method_for="tok.*=none"), tied)
+    assert own.method_for == "tok.*=none"  # the user's entry still decides
+    frozen = TinyLM(tied=True)
+    frozen.tok.weight.requires_grad_(False)
+    assert tied_tables(frozen) == []
 
 
 def test_auto_is_checked_and_must_be_resolved():

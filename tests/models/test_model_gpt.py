@@ -73,6 +73,25 @@ def test_embedding_is_untied_and_the_only_table():
     assert tables == ["tok_emb"]
 
 
+def test_tied_head_shares_the_table_and_makes_its_gradient_dense():
+    m = make(tie_embeddings=True)
+    assert m.head.weight is m.tok_emb.weight
+    assert m.num_params() == make().num_params() - 64 * 32
+    idx = torch.randint(0, 64, (2, 16))
+    _, loss = m(idx, idx)
+    loss.backward()
+    assert m.tok_emb.weight.grad.abs().sum(1).gt(0).all()  # every row: the head's gradient
+
+
+def test_tied_sparse_table_is_refused():
+    from zentrain.config import Config, ConfigError, validate
+
+    cfg = Config()
+    cfg.model.tie_embeddings = cfg.model.sparse_embedding = True
+    with pytest.raises(ConfigError, match="tie_embeddings = true needs model.sparse_embedding"):
+        validate(cfg)
+
+
 def test_embedding_grad_is_row_sparse():
     m = make()
     idx = torch.tensor([[1, 5, 5, 9, 1, 3, 3, 3, 7, 9, 1, 5, 5, 9, 1, 3]])

@@ -44,9 +44,10 @@ def _train(model, rank, world):
     return torch.cat([p.detach().flatten() for p in model.parameters()])
 
 
-def _ranked(rank, world, scheme):
-    flat = _train(zentrain.DataParallel(_model(), sync=scheme), rank, world)
-    return flat, hashlib.sha256(flat.numpy().tobytes()).hexdigest()
+def _ranked(rank, world, scheme, compress=None):
+    dp = zentrain.DataParallel(_model(), sync=scheme, compress=compress)
+    flat = _train(dp, rank, world)
+    return flat, hashlib.sha256(flat.numpy().tobytes()).hexdigest(), dp.last_stats.bytes_sent
 
 
 @pytest.mark.slow
@@ -54,8 +55,24 @@ def _ranked(rank, world, scheme):
 def test_gpt2_plain_loop_matches_one_process_on_three_ranks(scheme):
     ref = _train(_model(), 0, 1)
     out = run_ranks(_ranked, WORLD, scheme, timeout=240)
-    assert len({d for _, d in out}) == 1, "ranks ended with different parameters"
+    assert len({d for _, d, _ in out}) == 1, "ranks ended with different parameters"
     diff = float((out[0][0] - ref).abs().max())
     assert diff < 1e-5, f"{scheme}: max |param - single process| = {diff}"
     assert not torch.equal(ref, torch.cat([p.detach().flatten()
                                            for p in _model().parameters()]))  # it trained
+
+
+@pytest.mark.slow
+def test_gpt2_with_auto_compression_compresses_the_tied_table():
+    # GPT-2's token table is its output layer: a dense gradient, the model's largest
+    # tensor. compress="auto" must give it top-k, or it is sent whole every step.
+    opts = {"rank": 2, "ratio": 0.05, "min_numel": 1024}
+    out = run_ranks(_ranked, WORLD, "zen", {"method": "auto", **opts}, timeout=240)
+    assert len({d for _, d, _ in out}) == 1, "ranks ended with different parameters"
+    plain = run_ranks(_ranked, WORLD, "zen", {"method": "powersgd", **opts}, timeout=240)
+    table = 96 * 32 * 4  # bytes of the tied table in float32
+    # without top-k on the table it is synced dense (~2(n-1)/n of it); with it, a fraction
+    assert max(b for *_, b in plain) - max(b for *_, b in out) > 0.5 * table
+    ref = _train(_model(), 0, 1)
+    assert not torch.equal(out[0][0], ref)  # lossy: close to the exact run, not equal
+    assert float((out[0][0] - ref).abs().max()) < 0.05

@@ -15,7 +15,11 @@ other matrix did (rank 8: 1.005x). The two kinds of matrix differ in their gradi
 ever sees ordinary methods. The vocabulary is the row count of the model's largest
 embedding table when it has more rows than columns; a model without one gets PowerSGD
 on every matrix. The tables themselves stay with the wrapped sparse scheme, as for any
-method, unless a ``method_for`` entry names them (the user's entries come first and win).
+method, unless a ``method_for`` entry names them (the user's entries come first and win),
+with one exception: a table *tied* to an output layer (GPT-2, most Hugging Face LMs) is
+that output layer. Its gradient is dense, the head's rows for every token, so the sparse
+scheme has nothing to skip and would send it whole, often the model's largest tensor;
+``auto`` gives it top-k like an untied head (``tied_tables``).
 """
 
 from __future__ import annotations
@@ -44,12 +48,23 @@ def vocab_matrices(model: nn.Module) -> list[str]:
             and id(p) not in ids and rows in p.shape]
 
 
+def tied_tables(model: nn.Module) -> list[str]:
+    """Names of trainable embedding tables whose weight is also a parameter of a module
+    that is not an embedding (a head tied to the table): their gradients are dense."""
+    from zentrain.sync.sparse import embedding_params
+
+    ids = {id(p) for p in embedding_params(model)}
+    tied = {id(p) for m in model.modules() if not isinstance(m, nn.Embedding | nn.EmbeddingBag)
+            for p in m.parameters(recurse=False) if id(p) in ids}
+    return [n for n, p in model.named_parameters() if id(p) in tied]
+
+
 def resolve_auto(cfg: CompressConfig, model: nn.Module) -> CompressConfig:
     """``cfg`` with ``method="auto"`` replaced by its per-name rules for ``model``
     (unchanged for any other method)."""
     if cfg.method != "auto":
         return cfg
-    names = [n for n in vocab_matrices(model) if cfg.rule_method(n) is None]
+    names = [n for n in vocab_matrices(model) + tied_tables(model) if cfg.rule_method(n) is None]
     rules = [cfg.method_for.strip().rstrip(";")] + ([",".join(names) + "=topk"] if names else [])
     return replace(cfg, method="powersgd", method_for="; ".join(r for r in rules if r),
                    global_topk=cfg.global_topk and bool(names))

@@ -4,7 +4,8 @@ The input embedding is deliberately **untied** from the output head: with tied w
 head's dense gradient would land on the embedding table and hide its natural sparsity.
 Untied, ``tok_emb.weight.grad`` is non-zero only on the rows of tokens that occur in the
 batch, the row-sparse gradient that ZEN-style sync exploits (ZEN paper, §2 "natural
-sparsity"). With ``ModelConfig.sparse_embedding`` the table emits a torch sparse COO
+sparsity"). ``ModelConfig.tie_embeddings`` ties them as GPT-2 does (and most Hugging Face
+LMs), for measuring that case. With ``ModelConfig.sparse_embedding`` the table emits a torch sparse COO
 gradient instead of a mostly-zero dense one.
 
 The positional embedding is a plain ``nn.Parameter``, not an ``nn.Embedding``: every
@@ -89,6 +90,8 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.head.weight = self.tok_emb.weight
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
