@@ -28,3 +28,13 @@ def test_error_feedback_under_adamw_is_warned_about(capsys):
                               (["sync.compress=topk"], 1, 2), (["sync.compress=topk"], 0, 1)):
         _maybe_warn_ef_adamw(load_config(None, sets), rank, world)
         assert capsys.readouterr().err == "", sets
+
+
+def test_sparse_schemes_seed_zen_hashes_from_train_seed():
+    from zentrain.sync import build_grad_sync
+    from zentrain.train import _sync_opts
+
+    for scheme in ("zen", "auto", "sparcml", "omnireduce", "agsparse"):
+        cfg = load_config(None, [f"sync.scheme={scheme}", "train.seed=42"])
+        sync = build_grad_sync(scheme, **_sync_opts(cfg))  # every sparse scheme accepts it
+        assert sync.seed == 42

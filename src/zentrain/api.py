@@ -39,7 +39,9 @@ class DataParallel(nn.Module):
         ``zentrain.compress.CompressConfig`` fields or a ``CompressConfig``; applied to the
         dense parameters the compression policy selects, the rest synced by ``sync``; e.g.
         ``{"method": "topk", "rank": 8, "method_for": "blocks.*=powersgd"}`` mixes methods,
-        and ``{"method": "auto", "rank": 8}`` mixes them by shape (``zentrain.compress.auto``)."""
+        and ``{"method": "auto", "rank": 8}`` mixes them by shape (``zentrain.compress.auto``);
+        ``sync_opts``: options of the scheme, e.g. ``dense_threshold`` or ``seed`` (ZEN's
+        hash seeds, one per table, derive from it; default: drawn at random)."""
         from zentrain.compress import CompressConfig
         from zentrain.compress.auto import resolve_auto
         from zentrain.sync.compressed import maybe_compress

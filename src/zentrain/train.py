@@ -371,7 +371,9 @@ def _sync_opts(cfg: Config) -> dict[str, Any]:
         return {}
     if cfg.sync.scheme == "dense":
         return {}
-    opts: dict[str, Any] = {"dense_threshold": cfg.sync.dense_threshold}
+    # seed: ZEN's hash seeds follow train.seed, so a rerun sends the same bytes per server
+    opts: dict[str, Any] = {"dense_threshold": cfg.sync.dense_threshold,
+                            "seed": cfg.train.seed}
     if cfg.sync.scheme == "auto":
         opts.update(profile_steps=cfg.sync.auto_profile_steps,
                     recheck_every=cfg.sync.auto_recheck_every)

@@ -96,3 +96,27 @@ def test_table_above_dense_threshold_is_all_reduced_dense():
             torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7,
                                        msg=f"sparse={sparse}: {name}")
         assert float(torch.from_numpy(out[0]["synced"]["hot.weight"]).abs().sum()) > 0
+
+
+def _seeds(rank, world):
+    from zentrain.sync import build_grad_sync
+
+    out = {}
+    for scheme in ("zen", "auto"):
+        for tag, opts in (("a", {"seed": 7}), ("b", {"seed": 7}), ("c", {"seed": 8}),
+                          ("random", {})):
+            sync = build_grad_sync(scheme, **opts)
+            sync.prepare(TwoTables(sparse=False))
+            reds = [r.reducers["zen"] if scheme == "auto" else r for r in sync.reducers]
+            out[scheme, tag] = [tuple(r.seeds.as_list()) for r in reds]
+    return out
+
+
+def test_zen_hash_seeds_follow_the_seed_option_one_per_table():
+    res = run_ranks(_seeds, 2)
+    assert res[0] == res[1]  # broadcast from rank 0
+    for scheme in ("zen", "auto"):
+        a, b, c = (res[0][scheme, t] for t in "abc")
+        assert a == b and a != c  # the same seed: the same partition on a rerun
+        assert a[0] != a[1]  # tables with the same skew must not all load one server
+        assert res[0][scheme, "random"] not in (a, c)  # no seed: drawn at random

@@ -59,7 +59,11 @@ class SparseSync(GradSync):
         self.scheme = scheme
         self.bucket_mb = bucket_mb
         self.dense_threshold = dense_threshold
-        self.reducer_opts = reducer_opts or {}
+        self.reducer_opts = dict(reducer_opts or {})
+        # ``seed``: the hash seeds of ZEN (also inside ``auto``) derive from it, one per
+        # table, so a rerun puts every row on the same server (same bytes per server).
+        # Without it they are drawn at random; the sums are exact either way.
+        self.seed: int | None = self.reducer_opts.pop("seed", None)
         self.tables: list[nn.Parameter] = []
         self.reducers: list[SparseReducer] = []
 
@@ -77,8 +81,23 @@ class SparseSync(GradSync):
         label = (lambda p: {"tensor": names.get(id(p))}) if self.scheme == "auto" else (
             lambda p: {})
         self.reducers = [build_reducer(self.scheme, self.group, self.counter,
-                                       **self.reducer_opts, **label(p)) for p in self.tables]
+                                       **self._table_opts(i), **label(p))
+                         for i, p in enumerate(self.tables)]
         return model
+
+    def _table_opts(self, i: int) -> dict[str, Any]:
+        """The reducer options of table ``i``: its own hash seed where the scheme hashes.
+        Per table, not shared: tables with the same skew (DeepFM's hottest ids are row 0
+        of every field) would otherwise all load the same server."""
+        if self.seed is None or self.scheme not in ("zen", "auto"):
+            return self.reducer_opts
+        from zentrain.compress.base import derive_seed
+
+        seed = derive_seed(self.seed, "zen-table", i)
+        if self.scheme == "zen":
+            return {**self.reducer_opts, "seed": seed}
+        zen = {**self.reducer_opts.get("zen_opts", {}), "seed": seed}
+        return {**self.reducer_opts, "zen_opts": zen}
 
     def no_sync(self):
         return _both_no_sync(super().no_sync(), self.dense.no_sync())
