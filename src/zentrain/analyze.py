@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from zentrain.compress.auto import tied_tables
 from zentrain.config import Config, ConfigError, load_config
 from zentrain.sync import profile as prof
 from zentrain.sync.hashing import HashSeeds
@@ -126,6 +127,7 @@ def analyze(cfg: Config, world: int, steps: int, out: Path, save_trace: bool = F
     build_data(cfg, 0, world, is_builder=True)  # GPT: fixes cfg.model.vocab_size first
     probe = build_model(cfg.model)
     names = table_names(probe)
+    tied = {n.removesuffix(".weight") for n in tied_tables(probe)}
     shapes = [(p.shape[0], p[0].numel(), str(p.dtype).removeprefix("torch."))
               for p in embedding_params(probe)]
     del probe
@@ -161,9 +163,11 @@ def analyze(cfg: Config, world: int, steps: int, out: Path, save_trace: bool = F
         "created": datetime.datetime.now().isoformat(timespec="seconds"),
         "loss": losses, "config": cfg.to_dict(),
         "tables": {nm: {"num_rows": s[0], "row_numel": s[1], "dtype": s[2],
-                        "summary": prof.summarize(rows), "per_step": rows}
+                        "summary": prof.summarize(rows), "per_step": rows,
+                        "tied_to_output": nm in tied}
                    for nm, s, rows in zip(names, shapes, per_table)},
     }
+    result["advice"] = advice(result, cfg.sync.dense_threshold)
     (out / "analysis.json").write_text(json.dumps(result, indent=1))
     if save_trace:
         prof.save_trace(out / "trace.pt", recorder.trace())
@@ -172,6 +176,25 @@ def analyze(cfg: Config, world: int, steps: int, out: Path, save_trace: bool = F
     if show:
         print_table(result, out)
     return result
+
+
+def advice(result: dict[str, Any], dense_threshold: float) -> list[str]:
+    """One line per table that sparse sync cannot help: mean density above
+    ``sync.dense_threshold``, where every sparse scheme all-reduces the table dense
+    (ZEN §2.2). The way to send less is then lossy (docs/compression.md)."""
+    lines = []
+    for name, tab in result["tables"].items():
+        d = tab["summary"]["density"]
+        if d <= dense_threshold:
+            continue
+        why = ("it is tied to the output layer, whose gradient covers every row"
+               if tab["tied_to_output"] else "most rows are in every batch")
+        fix = ("sync.compress=auto gives a tied table top-k" if tab["tied_to_output"]
+               else f"compress.method_for='{name}.weight=topk'")
+        lines.append(f"{name}: {d:.0%} of rows have a gradient per rank (above "
+                     f"sync.dense_threshold={dense_threshold:g}): {why}, so sparse sync "
+                     f"sends it dense; to send less, compress it ({fix})")
+    return lines
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
@@ -204,6 +227,8 @@ def print_table(result: dict[str, Any], out: Path) -> None:
                   f"{s['hashed']['push_imbalance']:.2f} / {s['hashed']['pull_imbalance']:.2f}")
     con = Console(width=max(120, Console().width))
     con.print(t)
+    for line in result.get("advice", []):
+        con.print(f"advice: {line}", markup=False)
     con.print(f"wrote {out}/analysis.json" + ("" if not (out / "trace.pt").exists()
                                                else f" and {out}/trace.pt"))
 

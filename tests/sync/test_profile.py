@@ -165,6 +165,7 @@ def test_analyze_cli_writes_analysis_plots_and_trace(tmp_path):
     tab = res["tables"]["embedding"]
     assert (tab["num_rows"], tab["row_numel"]) == (900, 4)
     assert len(tab["per_step"]) == 2 and set(tab["summary"]["gamma"]) == {"1", "2", "3"}
+    assert tab["tied_to_output"] is False and isinstance(res["advice"], list)
     for name in ("density", "gamma", "imbalance", "overlap"):
         assert (out / f"{name}.png").stat().st_size > 1000
     trace = prof.load_trace(out / "trace.pt")
@@ -175,3 +176,19 @@ def test_analyze_cli_writes_analysis_plots_and_trace(tmp_path):
         assert prof.profile_step(sets, 900, 3, res["hash_seed"])["hashed"] == row["hashed"]
     assert main(["analyze", "--world", "1", "--out", str(out)] +
                 [a for o in _TINY_DEEPFM for a in ("--set", o)]) == 2
+
+
+def test_analyze_advises_compression_for_tables_sparse_sync_sends_dense():
+    from zentrain.analyze import advice
+
+    def tab(d, tied):
+        return {"summary": {"density": d}, "tied_to_output": tied}
+
+    res = {"tables": {"tok": tab(1.0, True), "pos": tab(0.8, False), "item": tab(0.02, False)}}
+    lines = advice(res, 0.5)
+    assert len(lines) == 2  # "item" is sparse: ZEN's own case, nothing to advise
+    assert lines[0].startswith("tok: 100% of rows") and "tied to the output layer" in lines[0]
+    assert "sync.compress=auto" in lines[0]
+    assert lines[1].startswith("pos: 80% of rows") and "method_for='pos.weight=topk'" in lines[1]
+    high = advice(res, 0.9)  # the threshold is the sync's own
+    assert len(high) == 1 and "tok: " in high[0] and "dense_threshold=0.9" in high[0]
