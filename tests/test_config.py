@@ -16,6 +16,28 @@ def test_shipped_configs_load():
         load_config(p)
 
 
+def test_compress_toml_is_the_measured_mix():
+    # configs/compress.toml (and the 1/20 variant in its comments) resolve to the matrix
+    # by matrix methods of the mixes measured in docs/compression.md
+    import torch
+
+    from zentrain.compress import CompressConfig, select_params
+    from zentrain.compress.auto import resolve_auto
+    from zentrain.models import build_model
+
+    cfg = load_config(ROOT / "configs" / "compress.toml")
+    with torch.device("meta"):
+        model = build_model(cfg.model)
+    for extra, mix in (("", "blocks.*,pos_emb=powersgd"),
+                       ("tok_emb.weight=topk", "blocks.*,pos_emb=powersgd; tok_emb.weight=topk")):
+        auto = resolve_auto(CompressConfig(**{**cfg.compress.__dict__, "method_for": extra}),
+                            model)
+        want = CompressConfig(method="topk", rank=8, method_for=mix)
+        assert [(n, auto.method_of(n)) for n, _ in select_params(model, auto)] == \
+            [(n, want.method_of(n)) for n, _ in select_params(model, want)]
+    assert (cfg.sync.scheme, cfg.compress.rank, cfg.compress.ratio) == ("zen", 8, 0.01)
+
+
 def test_precedence_defaults_file_cli(tmp_path):
     f = tmp_path / "c.toml"
     f.write_text('[train]\nsteps = 7\nlr = 0.5\n[sync]\nscheme = "zen"\n')

@@ -178,16 +178,24 @@ def test_method_for_applies_to_the_compressed_methods_only():
     assert plan.compressed_numel["topk"] == alone.compressed_numel["topk"] > 0
 
 
-def test_method_sets():
-    # The uncompressed runs drop a --set compress.method_for meant for the compressed ones.
-    assert bc.method_sets("ddp", 0.01, 4, 4) == ["sync.scheme=ddp",
-                                                 "model.sparse_embedding=false",
-                                                 "compress.method_for="]
-    assert bc.method_sets("none", 0.01, 4, 4)[-2:] == ["sync.compress=none",
-                                                       "compress.method_for="]
+def test_method_sets(tmp_path):
+    from zentrain.config import load_config
+
+    # A --config that compresses (by either name) must not leak into the uncompressed
+    # runs, nor clash with another method; those drop its compress.method_for too.
+    files = ('[sync]\ncompress = "auto"\n[compress]\nmethod_for = "head.weight=topk"\n',
+             '[compress]\nmethod = "auto"\nmethod_for = "head.weight=topk"\n')
+    for i, text in enumerate(files):
+        f = tmp_path / f"c{i}.toml"
+        f.write_text(text)
+        for method, want in (("ddp", "none"), ("none", "none"), ("topk", "topk"),
+                             ("powersgd", "powersgd")):
+            cfg = load_config(f, bc.method_sets(method, 0.01, 8, 4))
+            assert (cfg.compress.method, cfg.sync.compress) == (want, want), (text, method)
+            assert cfg.compress.method_for == ("" if want == "none" else "head.weight=topk")
+            assert cfg.sync.scheme == ("ddp" if method == "ddp" else "zen")
     # A compressed run gets every option: a top-k run may hold PowerSGD matrices too.
-    assert bc.method_sets("topk", 0.01, 8, 4)[2:] == ["sync.compress=topk", "compress.ratio=0.01",
-                                                      "compress.rank=8", "compress.bits=4"]
+    assert bc.method_sets("topk", 0.01, 8, 4)[-3:] == ["compress.ratio=0.01", "compress.rank=8",
+                                                       "compress.bits=4"]
     assert "compress.bits=8" in bc.method_sets("qsgd", 0.01, 2, 8)
-    assert "sync.compress=fp16" in bc.method_sets("fp16", 0.01, 2, 8)
     assert Path(bc.__file__).name == "compress.py"

@@ -105,14 +105,17 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def method_sets(method: str, ratio: float, rank: int, bits: int) -> list[str]:
     """The ``--set`` overrides that make a run use ``method``."""
+    # Both names of the method (sync.compress, compress.method): a --config file may set
+    # either, and it must not compress the reference nor clash with the method run.
     if method in (BASELINE, REFERENCE):  # uncompressed: a --set compress.method_for is not theirs
         base = list(an.SYSTEMS["ddp"]) if method == BASELINE else [
-            "sync.scheme=zen", "model.sparse_embedding=false", "sync.compress=none"]
-        return base + ["compress.method_for="]
+            "sync.scheme=zen", "model.sparse_embedding=false"]
+        return base + ["sync.compress=none", "compress.method=none", "compress.method_for="]
     # Every option, not only the method's own: with compress.method_for a top-k run also
     # compresses some matrices by PowerSGD, which must get --rank.
     return ["sync.scheme=zen", "model.sparse_embedding=false", f"sync.compress={method}",
-            f"compress.ratio={ratio}", f"compress.rank={rank}", f"compress.bits={bits}"]
+            f"compress.method={method}", f"compress.ratio={ratio}", f"compress.rank={rank}",
+            f"compress.bits={bits}"]
 
 
 def build_plan(args: argparse.Namespace) -> CompressPlan:
