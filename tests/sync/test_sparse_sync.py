@@ -120,3 +120,32 @@ def test_zen_hash_seeds_follow_the_seed_option_one_per_table():
         assert a == b and a != c  # the same seed: the same partition on a rerun
         assert a[0] != a[1]  # tables with the same skew must not all load one server
         assert res[0][scheme, "random"] not in (a, c)  # no seed: drawn at random
+
+
+def _tied_warnings(rank, world, compress):
+    import warnings
+
+    import zentrain
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tok = nn.Embedding(64, 8)
+            self.head = nn.Linear(8, 64, bias=False)
+            self.head.weight = self.tok.weight
+
+        def forward(self, ids):
+            return self.head(self.tok(ids))
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        zentrain.DataParallel(Tied(), sync="zen", compress=compress)
+    return [str(w.message) for w in caught if "tied to the output layer" in str(w.message)]
+
+
+def test_a_tied_table_left_to_zen_is_warned_about_once():
+    plain = run_ranks(_tied_warnings, 2, None)
+    assert len(plain[0]) == 1 and plain[1] == []  # rank 0 only
+    assert plain[0][0].startswith("tok.weight is tied") and "'auto'" in plain[0][0]
+    # compressed by auto: the table never reaches the sparse scheme, nothing to say
+    assert run_ranks(_tied_warnings, 2, {"method": "auto", "min_numel": 64}) == [[], []]

@@ -14,6 +14,8 @@ sent dense instead (``dense_threshold``), where sparse formats stop paying (ZEN 
 
 from __future__ import annotations
 
+import warnings
+
 from typing import Any
 
 import torch
@@ -77,6 +79,7 @@ class SparseSync(GradSync):
                                counter=self.counter)
         self.dense.prepare(model)
         names = {id(p): n for n, p in model.named_parameters()}
+        self._maybe_warn_tied(model, names)
         # ``auto`` names its tensor in the log line of each choice.
         label = (lambda p: {"tensor": names.get(id(p))}) if self.scheme == "auto" else (
             lambda p: {})
@@ -84,6 +87,20 @@ class SparseSync(GradSync):
                                        **self._table_opts(i), **label(p))
                          for i, p in enumerate(self.tables)]
         return model
+
+    def _maybe_warn_tied(self, model: nn.Module, names: dict[int, str]) -> None:
+        """A table tied to the output layer has a dense gradient (every row, every step):
+        this scheme then sends it whole, often the largest tensor of the model. Say so
+        once, with the fix, where a compressor has not already taken it."""
+        from zentrain.compress.auto import tied_tables
+
+        tied = set(tied_tables(model)) & {names[id(p)] for p in self.tables}
+        if tied and self.rank == 0 and self.world_size > 1:
+            warnings.warn(
+                f"{', '.join(sorted(tied))} is tied to the output layer: its gradient is "
+                f"dense, so sync scheme {self.scheme!r} sends it whole every step; to send "
+                f"less, compress it (compress method 'auto' gives it top-k; "
+                f"docs/compression.md)", stacklevel=4)
 
     def _table_opts(self, i: int) -> dict[str, Any]:
         """The reducer options of table ``i``: its own hash seed where the scheme hashes.
