@@ -34,11 +34,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from zentrain.compress.auto import tied_tables
 from zentrain.config import Config, ConfigError, load_config
 from zentrain.sync import profile as prof
 from zentrain.sync.hashing import HashSeeds
-from zentrain.sync.sparse import embedding_params, rows_of
+from zentrain.sync.sparse import embedding_params, rows_of, tied_tables
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -29,6 +29,9 @@ from dataclasses import replace
 from torch import nn
 
 from zentrain.compress import CompressConfig
+from zentrain.sync.sparse import embedding_params, tied_tables
+
+__all__ = ["resolve_auto", "tied_tables", "vocab_matrices"]
 
 
 def vocab_matrices(model: nn.Module) -> list[str]:
@@ -36,8 +39,6 @@ def vocab_matrices(model: nn.Module) -> list[str]:
     vocabulary: the output layer, and any other vocabulary-indexed projection. The
     vocabulary is the row count of the largest table, if that table is taller than wide
     (otherwise it is no vocabulary, and its row count could equal a hidden size)."""
-    from zentrain.sync.sparse import embedding_params
-
     tables = embedding_params(model)
     rows, cols = max((tuple(p.shape[:2]) for p in tables), default=(0, 0))
     if rows <= cols:
@@ -46,17 +47,6 @@ def vocab_matrices(model: nn.Module) -> list[str]:
     return [n for n, p in model.named_parameters()
             if p.dim() == 2 and p.requires_grad and p.is_floating_point()
             and id(p) not in ids and rows in p.shape]
-
-
-def tied_tables(model: nn.Module) -> list[str]:
-    """Names of trainable embedding tables whose weight is also a parameter of a module
-    that is not an embedding (a head tied to the table): their gradients are dense."""
-    from zentrain.sync.sparse import embedding_params
-
-    ids = {id(p) for p in embedding_params(model)}
-    tied = {id(p) for m in model.modules() if not isinstance(m, nn.Embedding | nn.EmbeddingBag)
-            for p in m.parameters(recurse=False) if id(p) in ids}
-    return [n for n, p in model.named_parameters() if id(p) in tied]
 
 
 def resolve_auto(cfg: CompressConfig, model: nn.Module) -> CompressConfig:

@@ -4,9 +4,9 @@ The input embedding is deliberately **untied** from the output head: with tied w
 head's dense gradient would land on the embedding table and hide its natural sparsity.
 Untied, ``tok_emb.weight.grad`` is non-zero only on the rows of tokens that occur in the
 batch, the row-sparse gradient that ZEN-style sync exploits (ZEN paper, §2 "natural
-sparsity"). ``ModelConfig.tie_embeddings`` ties them as GPT-2 does (and most Hugging Face
-LMs), for measuring that case. With ``ModelConfig.sparse_embedding`` the table emits a torch sparse COO
-gradient instead of a mostly-zero dense one.
+sparsity"). ``ModelConfig.tie_embeddings`` ties them as GPT-2 (and most Hugging Face
+LMs) do, to measure that case. With ``ModelConfig.sparse_embedding`` the table emits a
+torch sparse COO gradient instead of a mostly-zero dense one.
 
 The positional embedding is a plain ``nn.Parameter``, not an ``nn.Embedding``: every
 position is used by every batch, so its gradient is dense, and the sync layer treats every

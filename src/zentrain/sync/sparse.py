@@ -15,7 +15,6 @@ sent dense instead (``dense_threshold``), where sparse formats stop paying (ZEN 
 from __future__ import annotations
 
 import warnings
-
 from typing import Any
 
 import torch
@@ -36,6 +35,15 @@ def embedding_params(model: nn.Module) -> list[nn.Parameter]:
         if isinstance(m, nn.Embedding | nn.EmbeddingBag) and m.weight.requires_grad:
             seen.setdefault(id(m.weight), m.weight)
     return list(seen.values())
+
+
+def tied_tables(model: nn.Module) -> list[str]:
+    """Names of trainable embedding tables whose weight is also a parameter of a module
+    that is not an embedding (a head tied to the table): their gradients are dense."""
+    ids = {id(p) for p in embedding_params(model)}
+    tied = {id(p) for m in model.modules() if not isinstance(m, nn.Embedding | nn.EmbeddingBag)
+            for p in m.parameters(recurse=False) if id(p) in ids}
+    return [n for n, p in model.named_parameters() if id(p) in tied]
 
 
 def rows_of(grad: torch.Tensor | None, num_rows: int, like: torch.Tensor
@@ -92,8 +100,6 @@ class SparseSync(GradSync):
         """A table tied to the output layer has a dense gradient (every row, every step):
         this scheme then sends it whole, often the largest tensor of the model. Say so
         once, with the fix, where a compressor has not already taken it."""
-        from zentrain.compress.auto import tied_tables
-
         tied = set(tied_tables(model)) & {names[id(p)] for p in self.tables}
         if tied and self.rank == 0 and self.world_size > 1:
             warnings.warn(
@@ -104,8 +110,8 @@ class SparseSync(GradSync):
 
     def _table_opts(self, i: int) -> dict[str, Any]:
         """The reducer options of table ``i``: its own hash seed where the scheme hashes.
-        Per table, not shared: tables with the same skew (DeepFM's hottest ids are row 0
-        of every field) would otherwise all load the same server."""
+        Per table, not shared: tables indexed by the same ids (DeepFM's ``embedding`` and
+        ``first_order``) would otherwise put the same hot rows on the same server."""
         if self.seed is None or self.scheme not in ("zen", "auto"):
             return self.reducer_opts
         from zentrain.compress.base import derive_seed
