@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -123,8 +124,9 @@ def plot(result: dict[str, Any], path: Path) -> str:
             a2.annotate(f"{r:.3f}", (i, ok[m]["bytes_per_step"]), ha="center", va="bottom",
                         fontsize=7)
     a2.set_yscale("log")
-    a2.set_xticks(range(len(names)), [label(m, ok[m]) for m in names], rotation=30,
-                  ha="right", fontsize=8)
+    # wrapped: a long label (method + options) would squeeze both panels
+    a2.set_xticks(range(len(names)), [textwrap.fill(label(m, ok[m]), 26) for m in names],
+                  rotation=30, ha="right", fontsize=8)
     a2.set_ylabel("bytes sent per step (busiest rank)")
     a2.set_title("bytes per step (label: vs none)", fontsize=9)
     c = result["config"]
